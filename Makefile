@@ -1,0 +1,27 @@
+# `make quickstart` and `make test` work on a fresh clone with Python 3.11: they create .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/quickstart
+
+.PHONY: quickstart test lint install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+quickstart: install
+	$(BIN)/shoal run --config configs/quickstart.yaml --workdir $(WORKDIR)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy orchestrator workers strategies
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny configs and one local Ray cluster per test module that needs it."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that a round is dominated by Ray's fixed costs, big enough to learn something.
+TINY: dict[str, Any] = {
+    "experiment": {"name": "tiny", "seed": 0},
+    "data": {
+        "kind": "synthetic",
+        "image_size": [32, 48],
+        "synthetic": {"num_train": 36, "num_val": 8, "height": 32, "width": 48, "seed": 0},
+    },
+    "model": {"name": "unet", "options": {"base_channels": 8, "depth": 2}},
+    "train": {"epochs": 2, "batch_size": 8, "num_workers": 0, "samples_per_epoch": 16},
+    "score": {"num_actors": 1, "batch_size": 8},
+    "loop": {"strategy": "entropy", "initial_labeled": 8, "budget": 6, "rounds": 2},
+    "ray": {"num_cpus": 2},
+}
+
+
+def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
+    """TINY with some sections updated: ``tiny_config(train={"num_workers": 2})``."""
+    cfg = copy.deepcopy(TINY)
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def tiny_overrides(**sections: dict[str, Any]) -> list[str]:
+    """The same as ``--set KEY=VALUE`` arguments for the CLI."""
+    import json
+
+    out = []
+    for section, values in tiny_config(**sections).items():
+        for key, value in values.items():
+            out += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray cluster on loopback for the test module, shut down afterwards."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

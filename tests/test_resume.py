@@ -1,0 +1,137 @@
+"""An experiment killed at any moment and resumed ends with the same labeled set as one never
+interrupted (same seed), and MLflow shows no duplicated round runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import TableStore
+
+from .conftest import ROOT, tiny_overrides
+
+pytestmark = pytest.mark.ray
+
+CLI = [sys.executable, "-m", "orchestrator"]
+
+
+def shoal(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def start_run(workdir: Path) -> list[str]:
+    return [*CLI, "run", "--config", str(ROOT / "configs/quickstart.yaml"), "--workdir", str(workdir), *tiny_overrides()]
+
+
+def final_labels(workdir: Path) -> dict[str, int]:
+    state = json.loads((workdir / "state.json").read_text())
+    df = TableStore(workdir / "table").read(state["revision"])
+    df = df[df.labeled]
+    return dict(zip(df.sample_id, df.round_labeled.astype(int)))
+
+
+def state_of(workdir: Path) -> dict | None:
+    try:
+        return json.loads((workdir / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    workdir = tmp_path_factory.mktemp("ref") / "work"
+    out = subprocess.run(start_run(workdir), capture_output=True, text=True, timeout=400, env=_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, out.stdout
+
+
+def test_cli_prints_a_line_per_round_and_the_mlflow_store(reference: tuple[Path, str]) -> None:
+    workdir, stdout = reference
+    lines = [line for line in stdout.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in lines] == ["round 1", "round 2"]
+    assert "labeled 8 -> 14" in lines[0] and "labeled 14 -> 20" in lines[1]
+    assert "val mIoU" in lines[0] and lines[0].endswith(" s")
+    assert f"sqlite:///{workdir}/mlflow.db" in stdout
+    assert "mlflow ui --backend-store-uri" in stdout
+    status = shoal("status", str(workdir), "--json", cwd=ROOT)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["labeled"] == 20 and info["rounds_done"] == 2 and info["stopped"].startswith("rounds")
+
+
+def kill_when(workdir: Path, ready, timeout: float = 300) -> None:
+    """Start the run and SIGKILL its whole process group once ``ready(workdir)`` holds."""
+    proc = subprocess.Popen(start_run(workdir), cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready(workdir):
+            assert proc.poll() is None, "the run ended before the kill point"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def mid_training_of_round_2(workdir: Path) -> bool:
+    s = state_of(workdir)
+    return bool(s and s["round"] == 2 and s["phase"] == "" and (workdir / "ray_train").exists()
+                and any(p.name.startswith("round-002") for p in (workdir / "rounds").iterdir()))
+
+
+def after_scoring_round_1(workdir: Path) -> bool:
+    s = state_of(workdir)
+    return bool(s and s["round"] == 1 and s["phase"] == "score")
+
+
+@pytest.mark.parametrize("kill_point", [after_scoring_round_1, mid_training_of_round_2])
+def test_kill_and_resume_gives_the_same_labeled_set(reference, kill_point, tmp_path: Path) -> None:
+    ref_dir, _ = reference
+    workdir = tmp_path / "work"
+    kill_when(workdir, kill_point)
+    assert state_of(workdir)["stopped"] is None
+    out = shoal("resume", str(workdir), cwd=ROOT, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert final_labels(workdir) == final_labels(ref_dir)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    rounds = sorted(r.data.tags["shoal.round"] for r in runs if "shoal.round" in r.data.tags)
+    assert rounds == ["1", "2"]
+    assert len(runs) == 3
+
+
+def test_resume_of_a_missing_or_finished_experiment(reference, tmp_path: Path) -> None:
+    ref_dir, _ = reference
+    out = shoal("resume", str(ref_dir), cwd=ROOT)
+    assert out.returncode == 0 and "nothing to resume" in out.stdout
+    missing = shoal("resume", str(tmp_path / "nope"), cwd=ROOT)
+    assert missing.returncode == 2 and "no Shoal experiment" in missing.stderr
+
+
+def test_incompatible_state_version_is_refused(reference, tmp_path: Path) -> None:
+    import shutil
+
+    ref_dir, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(ref_dir, copy, ignore=shutil.ignore_patterns("ray_train", "mlartifacts", "data"))
+    state = json.loads((copy / "state.json").read_text())
+    state["schema_version"] = 99
+    (copy / "state.json").write_text(json.dumps(state))
+    out = shoal("status", str(copy), cwd=ROOT)
+    assert out.returncode == 2 and "schema version 99" in out.stderr

@@ -1,0 +1,46 @@
+"""Workers: data, models, training (Ray Train), pool scoring (Ray Data) and tracking (MLflow).
+
+Heavy dependencies (torch, Ray, MLflow) are imported when a name that needs them is first used, so
+``import workers`` stays cheap for the CLI and the strategies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ClassInfo": "_data",
+    "DatasetRecord": "_data",
+    "SYNTHETIC_CLASSES": "_data",
+    "generate_synthetic": "_data",
+    "read_classes": "_data",
+    "scan_folder_dataset": "_data",
+    "load_image": "_data",
+    "load_mask": "_data",
+    "build_model": "_models",
+    "model_names": "_models",
+    "load_checkpoint": "_models",
+    "TrainSpec": "_train",
+    "TrainResult": "_train",
+    "WeightedDistributedSampler": "_train",
+    "train": "_train",
+    "ScoreResult": "_score",
+    "PoolScorer": "_score",
+    "score_pool": "_score",
+    "read_scores": "_score",
+    "ensure_ray": "_ray",
+    "Tracker": "_tracking",
+    "default_tracking_uri": "_tracking",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'workers' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,120 @@
+"""Scoring worker: per-image uncertainty of the current model over the unlabeled pool.
+
+Runs as a Ray Data ``map_batches`` over an actor pool. Each actor loads the model once; a batch
+holds only sample ids and image paths, images are decoded inside the actor, and only per-image
+numbers leave it. The results are written as Parquet by the cluster, not collected by the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from strategies import columns as col
+
+from ._data import load_image
+from ._models import load_checkpoint
+from ._train import to_tensor
+
+log = logging.getLogger(__name__)
+
+
+def uncertainty_columns(probs: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-image scores from softmax probabilities ``probs``: float [N, C, H, W].
+
+    Returns float64 arrays of length N: mean pixel entropy (nats), mean top-1/top-2 margin, mean
+    least confidence, and the predicted pixel fraction of every class (``pred_frac_<c>``).
+    """
+    n, c = probs.shape[:2]
+    p = probs.double().clamp_min(1e-12)
+    entropy = -(p * p.log()).sum(1).flatten(1).mean(1)
+    top = probs.double().topk(min(2, c), dim=1).values
+    margin = (top[:, 0] - top[:, 1]).flatten(1).mean(1) if c > 1 else torch.ones(n, dtype=torch.float64)
+    least_conf = (1.0 - top[:, 0]).flatten(1).mean(1)
+    pred = probs.argmax(1).flatten(1)
+    counts = torch.zeros(n, c, dtype=torch.float64).scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float64))
+    fractions = counts / pred.shape[1]
+    out = {
+        col.ENTROPY_MEAN: entropy.numpy(),
+        col.MARGIN_MEAN: margin.numpy(),
+        col.LEAST_CONFIDENCE_MEAN: least_conf.numpy(),
+    }
+    for k in range(c):
+        out[col.class_fraction_column(k)] = fractions[:, k].numpy()
+    return out
+
+
+class PoolScorer:
+    """Ray Data callable class: ``{sample_id, image_path}`` batch -> per-image score columns."""
+
+    def __init__(self, checkpoint_path: str, image_size: tuple[int, int], use_gpu: bool = False) -> None:
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_checkpoint(checkpoint_path).to(self.device).eval()
+        self.image_size = tuple(image_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [load_image(str(p), size=self.image_size) for p in batch["image_path"]]  # type: ignore[arg-type]
+        x = torch.stack([to_tensor(im) for im in images]).to(self.device)
+        with torch.no_grad():
+            probs = torch.softmax(self.model(x).float(), dim=1).cpu()
+        return {"sample_id": np.asarray(batch["sample_id"]), **uncertainty_columns(probs)}
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    scores_dir: str
+    num_scored: int
+    seconds: float
+
+
+def score_pool(
+    pool_parquet: str,
+    checkpoint_path: str,
+    image_size: tuple[int, int],
+    out_dir: str,
+    *,
+    num_actors: int = 1,
+    batch_size: int = 16,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+) -> ScoreResult:
+    """Score every row of ``pool_parquet`` (columns ``sample_id``, ``image_path``) with the model in
+    ``checkpoint_path``; write the per-image columns as Parquet files under ``out_dir`` (replaced)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    out = Path(out_dir)
+    if out.exists():  # left by an interrupted attempt: its files would be read twice
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    ds = ray.data.read_parquet(pool_parquet, columns=["sample_id", "image_path"])
+    scored = ds.map_batches(
+        PoolScorer,
+        fn_constructor_kwargs={
+            "checkpoint_path": checkpoint_path,
+            "image_size": tuple(image_size),
+            "use_gpu": gpus_per_actor > 0,
+        },
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+    )
+    scored.write_parquet(str(out))
+    num = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
+    return ScoreResult(scores_dir=str(out), num_scored=num, seconds=time.perf_counter() - t0)
+
+
+def read_scores(scores_dir: str) -> Any:
+    """The per-image score table written by :func:`score_pool`, as a pandas DataFrame."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(scores_dir).to_pandas()
