@@ -309,6 +309,23 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
     return train_loop(spec, report)
 
 
+def _check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
+    """Ray waits forever for resources the cluster lacks: refuse such a request up front."""
+    import ray
+
+    have = ray.cluster_resources()
+    workers = max(num_workers, 1)
+    if num_workers > 0 and workers * cpus_per_worker > have.get("CPU", 0):
+        raise ValueError(
+            f"train.num_workers x train.cpus_per_worker = {workers} x {cpus_per_worker} CPUs, "
+            f"the Ray cluster has {have.get('CPU', 0):g}"
+        )
+    if use_gpu and have.get("GPU", 0) < workers:
+        raise ValueError(
+            f"train.use_gpu: {workers} GPU worker(s) asked for, the Ray cluster has {have.get('GPU', 0):g} GPUs"
+        )
+
+
 def train(
     spec: TrainSpec,
     *,
@@ -326,15 +343,7 @@ def train(
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = spec.use_gpu
-    if use_gpu:
-        import ray
-
-        have = ray.cluster_resources().get("GPU", 0)
-        if have < max(num_workers, 1):
-            raise ValueError(
-                f"train.use_gpu: {max(num_workers, 1)} GPU worker(s) asked for, the Ray cluster has {have:g} GPUs"
-            )
+    _check_resources(num_workers, cpus_per_worker, spec.use_gpu)
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     local = num_workers == 0
@@ -346,8 +355,8 @@ def train(
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
             num_workers=num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            use_gpu=spec.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
         ),
         run_config=RunConfig(
             name=name,
