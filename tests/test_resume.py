@@ -3,6 +3,7 @@ interrupted (same seed), and MLflow shows no duplicated round runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,14 +82,15 @@ def kill_when(workdir: Path, ready, timeout: float = 300) -> None:
             assert time.monotonic() < deadline, "kill point never reached"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
 def mid_training_of_round_2(workdir: Path) -> bool:
     s = state_of(workdir)
-    return bool(s and s["round"] == 2 and s["phase"] == "" and (workdir / "ray_train").exists()
-                and any(p.name.startswith("round-002") for p in (workdir / "rounds").iterdir()))
+    # the round directory is made when round 2's training starts
+    return bool(s and s["round"] == 2 and s["phase"] == "" and (workdir / "rounds" / "round-002").exists())
 
 
 def after_scoring_round_1(workdir: Path) -> bool:
