@@ -40,6 +40,12 @@ def _drive(loop: object) -> int:
         if result is None:
             break
         _print_round(result)
+    awaiting = loop.awaiting_labels
+    if awaiting is not None:
+        missing = len(awaiting["requested"]) - len(awaiting["received"])
+        print(f"awaiting labels: {missing} of {len(awaiting['requested'])} selected samples, task folder {awaiting['task_dir']}")
+        print(f"import them with: shoal import-labels {loop.workdir} SOURCE, then: shoal resume {loop.workdir}")
+        return 0
     print(f"stopped: {loop.stop_reason}")
     print(_ui_hint(loop.tracking_uri))
     return 0
@@ -77,6 +83,74 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_table_file(path: str, value_column: str | None) -> dict[str, str]:
+    import csv
+
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"edit file not found: {file}") from None
+    rows = list(csv.reader(text.splitlines()))
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    if rows and rows[0] and rows[0][0].strip() == "sample_id":
+        rows = rows[1:]
+    out: dict[str, str] = {}
+    for n, row in enumerate(rows, start=1):
+        if value_column is not None and len(row) < 2:
+            raise ValueError(f"{file} row {n}: expected sample_id,{value_column}")
+        out[row[0].strip()] = row[1].strip() if value_column is not None else ""
+    return out
+
+
+def _parse_bool(text: str, where: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{where}: expected true/false, got {text!r}")
+
+
+def _cmd_import_labels(args: argparse.Namespace) -> int:
+    from ._loop import ActiveLearningLoop
+
+    loop = ActiveLearningLoop.resume(args.workdir)
+    report = loop.import_labels(args.source, task_dir=args.task)
+    print(f"{len(report['added'])} masks added, {report['unchanged']} unchanged; table revision {report['revision']}")
+    awaiting = loop.awaiting_labels
+    if awaiting is not None:
+        missing = len(awaiting["requested"]) - len(awaiting["received"])
+        print(f"{missing} selected samples still without labels; continue with: shoal resume {args.workdir}")
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from ._loop import ActiveLearningLoop
+
+    weights = exclude = None
+    relabel = None
+    if args.weights:
+        raw = _read_table_file(args.weights, "weight")
+        try:
+            weights = {k: float(v) for k, v in raw.items()}
+        except ValueError as exc:
+            raise ValueError(f"{args.weights}: weights must be numbers ({exc})") from None
+    if args.exclude:
+        exclude = {k: _parse_bool(v, f"{args.exclude} sample {k}") for k, v in _read_table_file(args.exclude, "exclude").items()}
+    if args.relabel:
+        relabel = list(_read_table_file(args.relabel, None))
+    if not (weights or exclude or relabel):
+        raise ValueError("nothing to edit: give --weights, --exclude or --relabel")
+    loop = ActiveLearningLoop.resume(args.workdir)
+    rev = loop.edit(weights=weights, exclude=exclude, relabel=relabel, comment=args.comment)
+    print(f"table revision {rev} (parent {loop.store.info(rev).parent}): {args.comment}")
+    if relabel and (loop.workdir / "relabel" / rev).exists():
+        print(f"relabel task folder: {loop.workdir / 'relabel' / rev}; import with: "
+              f"shoal import-labels {args.workdir} SOURCE --task {loop.workdir / 'relabel' / rev}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Active learning for semantic segmentation on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -96,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("workdir")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_cmd_status)
+    imp = sub.add_parser("import-labels", help="validate and add masks returned by annotators")
+    imp.add_argument("workdir")
+    imp.add_argument("source", help="a folder of class-id PNGs (or masks/ in it), or a Label Studio JSON export")
+    imp.add_argument("--task", help="a relabel task folder written by `shoal edit --relabel` (default: the awaited round)")
+    imp.set_defaults(func=_cmd_import_labels)
+
+    edit = sub.add_parser("edit", help="reweight, exclude or send back for relabeling, as a new table revision")
+    edit.add_argument("workdir")
+    edit.add_argument("--weights", help="CSV of sample_id,weight")
+    edit.add_argument("--exclude", help="CSV of sample_id,exclude (true/false)")
+    edit.add_argument("--relabel", help="file with one sample_id per line")
+    edit.add_argument("--comment", required=True, help="why: kept with the revision")
+    edit.set_defaults(func=_cmd_edit)
     return parser
 
 

@@ -53,6 +53,54 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    """The training loss: ``pixel_weight * pixel term + dice_weight * Dice``; the name picks the
+    terms (see ``workers/_losses.py`` for the exact definitions and reductions)."""
+
+    name: Literal["ce", "dice", "ce_dice", "focal", "focal_dice", "ohem", "ohem_dice"] = "ce"
+    """``ce`` cross-entropy; ``focal``; ``ohem`` cross-entropy over the hardest pixels only;
+    ``dice`` soft Dice per image (a class absent from an image's truth and prediction scores 1);
+    ``<ce|focal|ohem>_dice`` the sum of both terms."""
+    pixel_weight: float = 1.0
+    """Weight of the pixel term (cross-entropy, focal or OHEM) in a combined loss."""
+    dice_weight: float = 1.0
+    """Weight of the Dice term."""
+    class_weights: Literal["none", "inverse", "median"] = "none"
+    """Class weights of the pixel term, from the labeled set's pixel counts (computed each round):
+    ``inverse`` frequency (a class of average frequency weighs 1) or ``median`` frequency
+    balancing (Eigen & Fergus)."""
+    class_weight_cap: float = 10.0
+    """Upper bound on every class weight."""
+    focal_gamma: float = 2.0
+    """Focusing exponent of the focal loss (0 = cross-entropy)."""
+    ohem_top_k_min: float = 0.25
+    """Share of the valid pixels that OHEM keeps once annealed, in (0, 1]."""
+    ohem_anneal_steps: int = 500
+    """Optimiser steps over which OHEM's kept share falls linearly from 1 to ``ohem_top_k_min``."""
+    dice_smooth: float = 1.0
+    """Smoothing of the soft Dice, in pixels."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentations; image and mask always move together."""
+
+    hflip: bool = True
+    """Mirror left-right with probability 1/2."""
+    vflip: bool = False
+    """Mirror top-bottom with probability 1/2 (top-down or texture imagery only)."""
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    """Random resize factor range; [1, 1] = off. Combine with ``crop`` (e.g. [0.75, 1.5])."""
+    crop: tuple[int, int] | None = None
+    """(height, width) random crop after scaling, padded with ignored pixels when larger than the
+    scaled image; null = data.image_size."""
+    color_jitter: float = 0.0
+    """Brightness, contrast and saturation factors drawn from [1 - s, 1 + s]; 0 = off."""
+    hroll: bool = False
+    """Circular left-right roll by a random offset, for 360-degree panoramas and unrolled pipe walls."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 8
     samples_per_epoch: int | None = None
@@ -64,6 +112,25 @@ class TrainConfig:
     """Ray Train workers (DDP ranks). 0 runs the training function in the driver process."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9
+    """SGD momentum (``optimizer: sgd`` only)."""
+    schedule: Literal["poly", "cosine"] = "poly"
+    """Learning-rate decay to 0 after warm-up: poly (power 0.9) or cosine."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear learning-rate warm-up."""
+    grad_clip: float | None = 5.0
+    """Maximum global gradient norm; null = no clipping."""
+    amp: bool = True
+    """Mixed precision (bfloat16, or float16 with loss scaling) when training on GPU; no effect on CPU."""
+    early_stopping_patience: int | None = None
+    """Stop a round's training after this many epochs without a better val mIoU; null = never.
+    The best epoch's checkpoint is kept either way."""
+    init: Literal["scratch", "previous"] = "scratch"
+    """Each round starts from fresh weights (``scratch``) or fine-tunes the previous round's best
+    checkpoint (``previous``; round 1 starts from scratch)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
@@ -77,6 +144,8 @@ class ScoreConfig:
 @dataclass(frozen=True)
 class LoopConfig:
     strategy: str = "entropy"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the strategy, e.g. ``{aggregation: mean}``; unknown options are an error."""
     initial_labeled: int = 16
     """Samples labeled at random before the first round."""
     budget: int = 16
@@ -87,7 +156,15 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class OracleConfig:
-    kind: Literal["simulated"] = "simulated"
+    kind: Literal["simulated", "folder", "label-studio"] = "simulated"
+    """``simulated`` reveals ground truth at once; ``folder`` and ``label-studio`` export a task
+    folder, pause the round (``awaiting_labels``) and take masks back with ``shoal import-labels``."""
+    preannotate: bool = True
+    """Write the round model's predicted masks into the task folder as pre-annotations."""
+    label_map: dict[str, int] | None = None
+    """Label Studio label name -> class id (default: the class names in order)."""
+    image_root_url: str | None = None
+    """Prefix for image URLs in Label Studio's tasks.json (default: paths relative to the task folder)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +181,8 @@ class RayConfig:
     """None = the cluster in ``RAY_ADDRESS`` when set (``ray job submit``), else a new local one."""
     num_cpus: int | None = None
     """CPUs of a new local cluster (None = all)."""
+    log_to_driver: bool = False
+    """Stream Ray workers' logs to the console (errors reach the driver either way)."""
 
 
 @dataclass(frozen=True)
@@ -140,8 +219,13 @@ _POSITIVE = {
     "data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.height",
     "data.synthetic.width", "train.epochs", "train.batch_size", "train.cpus_per_worker",
     "score.num_actors", "score.batch_size", "loop.initial_labeled", "loop.budget", "loop.rounds",
+    "train.loss.class_weight_cap", "train.loss.dice_smooth",
 }
-_NON_NEGATIVE = {"train.num_workers", "train.lr", "train.weight_decay", "score.gpus_per_actor"}
+_NON_NEGATIVE = {
+    "train.num_workers", "train.lr", "train.weight_decay", "score.gpus_per_actor", "train.momentum",
+    "train.warmup_steps", "train.loss.pixel_weight", "train.loss.dice_weight", "train.loss.focal_gamma",
+    "train.loss.ohem_anneal_steps", "train.augment.color_jitter",
+}
 
 
 def _to_plain(value: Any) -> Any:
@@ -238,6 +322,7 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"data.image_size: must be two positive integers, got {cfg.data.image_size}")
     if cfg.train.samples_per_epoch is not None and cfg.train.samples_per_epoch <= 0:
         raise ValueError("train.samples_per_epoch: must be positive or null")
+    _validate_train(cfg.train)
     from strategies import strategy_names
 
     if cfg.loop.strategy not in strategy_names():
@@ -245,6 +330,30 @@ def _validate(cfg: Config) -> None:
             f"loop.strategy: unknown strategy '{cfg.loop.strategy}'; "
             f"registered: {', '.join(strategy_names())}"
         )
+
+
+def _validate_train(t: TrainConfig) -> None:
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ValueError(f"train.grad_clip: must be positive or null (no clipping), got {t.grad_clip}")
+    if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+        raise ValueError(
+            f"train.early_stopping_patience: must be >= 1 or null (never stop early), got {t.early_stopping_patience}"
+        )
+    loss = t.loss
+    if not 0.0 < loss.ohem_top_k_min <= 1.0:
+        raise ValueError(f"train.loss.ohem_top_k_min: must be in (0, 1], got {loss.ohem_top_k_min}")
+    pixel = loss.name != "dice"
+    dice = loss.name == "dice" or loss.name.endswith("_dice")
+    if (not pixel or loss.pixel_weight == 0) and (not dice or loss.dice_weight == 0):
+        raise ValueError(f"train.loss: every term of loss '{loss.name}' has weight 0; nothing would be learned")
+    aug = t.augment
+    low, high = aug.scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"train.augment.scale_range: expected [low, high] with 0 < low <= high, got {list(aug.scale_range)}")
+    if aug.crop is not None and min(aug.crop) < 1:
+        raise ValueError(f"train.augment.crop: expected two positive integers or null, got {list(aug.crop)}")
+    if aug.color_jitter >= 1:
+        raise ValueError(f"train.augment.color_jitter: must be in [0, 1), got {aug.color_jitter}")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

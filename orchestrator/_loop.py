@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ import pandas as pd
 import yaml
 
 import workers
-from strategies import build_strategy
+from strategies import build_strategy, columns
 
 from ._atomic import atomic_write, atomic_write_json, atomic_write_text
 from ._config import Config, config_from_dict
+from ._labeling import export_folder_tasks, mask_digest, read_answers, read_manifest, task_name
 from ._oracle import build_oracle
 from ._state import STATE_FILE, State
 from ._table import (
@@ -40,6 +42,13 @@ from ._table import (
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
+TRAIN_SIGNALS_FILE = "train_signals.parquet"
+VAL_PER_IMAGE_FILE = "val_per_image.parquet"
+# Per-sample training signals of the round's model, written into the round's table revision.
+TRAIN_LOSS = columns.TRAIN_LOSS
+"""Mean pixel cross-entropy (nats) of a labeled sample under the round's best model."""
+TRAIN_IOU = "train_iou"
+"""IoU of a labeled sample under the round's best model: mean over the classes in the image."""
 
 
 @dataclass
@@ -136,6 +145,9 @@ class ActiveLearningLoop:
             assert phase is not None
             t0 = time.perf_counter()
             info = getattr(self, f"_phase_{phase}")(state)
+            if info is None:  # waiting for people: this process has nothing more to do
+                state.save(self.workdir)
+                return None
             info["seconds"] = info.get("seconds", time.perf_counter() - t0)
             state.round_info[phase] = info
             state.phase = phase
@@ -162,11 +174,212 @@ class ActiveLearningLoop:
             "rounds_done": len(s.history),
             "val_miou": [h["metrics"].get("val_miou") for h in s.history],
             "tracking_uri": self.tracking_uri,
+            "awaiting_labels": self._awaiting_summary(),
         }
+
+    def _awaiting_summary(self) -> dict[str, Any] | None:
+        request = self.awaiting_labels
+        if request is None:
+            return None
+        missing = [i for i in request["requested"] if i not in request["received"]]
+        return {"task_dir": request["task_dir"], "requested": len(request["requested"]),
+                "received": len(request["received"]), "missing": missing}
 
     @property
     def tracking_uri(self) -> str:
         return self.config.tracking.tracking_uri or workers.default_tracking_uri(self.workdir)
+
+    # ------------------------------------------------------------------ people in the loop
+
+    @property
+    def awaiting_labels(self) -> dict[str, Any] | None:
+        """The open label request (task folder, requested and received ids), or None."""
+        s = self.state
+        if s is None or s.stopped or s.phase != "select":
+            return None
+        return s.round_info.get("label_request")
+
+    def _require_state(self) -> State:
+        if self.state is None:
+            raise ValueError(f"no experiment has started in {self.workdir}")
+        return self.state
+
+    def _current_revision(self, state: State) -> str:
+        request = state.round_info.get("label_request") if state.phase == "select" else None
+        return str(request["revision"]) if request and request.get("revision") else state.revision
+
+    def _round_table(self, state: State) -> pd.DataFrame:
+        """The parent revision with this round's scores and training signals merged in."""
+        df = self.store.read(state.revision)
+        candidates = self._candidates(state)
+        score_cols = [c for c in candidates.columns if c != SAMPLE_ID]
+        df = df.drop(columns=[c for c in score_cols if c in df.columns]).merge(candidates, on=SAMPLE_ID, how="left")
+        return self._with_train_signals(df, state)
+
+    def _preannotations(self, state: State, ids: list[str]) -> dict[str, np.ndarray]:
+        """The round model's predicted class-id masks for ``ids``, at each image's own size."""
+        if not self.config.oracle.preannotate or "train" not in state.round_info:
+            return {}
+        import cv2
+        import torch
+
+        model = workers.load_checkpoint(state.round_info["train"]["checkpoint_path"]).eval()
+        paths = self.store.read(state.revision).set_index(SAMPLE_ID).loc[ids, IMAGE_PATH]
+        h, w = self.config.data.image_size
+        out = {}
+        for sid, path in paths.items():
+            image = workers.load_image(str(path))
+            small = workers.load_image(str(path), size=(h, w))
+            x = workers.to_tensor(small)[None]
+            with torch.no_grad():
+                pred = model(x).argmax(1)[0].numpy().astype(np.uint8)
+            out[str(sid)] = cv2.resize(pred, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+        return out
+
+    def _human_label(self, state: State) -> dict[str, Any] | None:
+        """Export the selection to people on first call; finish the phase once labels came in."""
+        request = state.round_info.get("label_request")
+        selected = list(state.round_info["select"]["selected"])
+        if request is None:
+            task_dir = self._round_dir(state) / "tasks"
+            export_folder_tasks(
+                self.store.read(state.revision), selected, task_dir, self._classes(),
+                round_index=state.round, preannotations=self._preannotations(state, selected),
+                label_studio=self.config.oracle.kind == "label-studio",
+                image_root_url=self.config.oracle.image_root_url,
+            )
+            state.round_info["label_request"] = {
+                "task_dir": str(task_dir), "requested": selected, "received": {}, "revision": None, "imports": [],
+            }
+            return None
+        if not request["received"]:
+            return None
+        received = sorted(request["received"])
+        return {"revision": request["revision"], "parent": state.revision, "added": received,
+                "requested": len(request["requested"]), "partial": len(received) < len(request["requested"])}
+
+    def import_labels(self, source: str | Path, task_dir: str | Path | None = None) -> dict[str, Any]:
+        """Validate every mask in ``source`` (a folder of PNGs or a Label Studio JSON export) against
+        the awaited selection (or the relabel task ``task_dir``) and add them in one step.
+
+        A bad file raises ``ValueError`` naming it, and nothing is added. Masks already imported
+        with the same content are skipped, so importing the same labels twice changes nothing.
+        """
+        state = self._require_state()
+        request = self.awaiting_labels
+        relabel = task_dir is not None
+        if relabel:
+            task = Path(task_dir).resolve()  # type: ignore[arg-type]
+        elif request is not None:
+            task = Path(request["task_dir"])
+        else:
+            raise ValueError(f"no labels are awaited in {self.workdir} (status: shoal status {self.workdir})")
+        manifest = read_manifest(task)
+        classes = self._classes()
+        answers = read_answers(Path(source), manifest, classes, self.config.oracle.label_map)
+        base = self._current_revision(state)
+        df = self.store.read(base) if (relabel or (request and request["revision"])) else self._round_table(state)
+        received = request["received"] if (request is not None and not relabel) else {}
+        if relabel:
+            flagged = set(df.loc[df.get("needs_relabel", pd.Series(False, index=df.index)).fillna(False).astype(bool), SAMPLE_ID])
+            outside = [a.sample_id for a in answers if a.sample_id not in flagged]
+            if outside:
+                raise ValueError(f"{outside[0]} is not waiting to be relabeled (shoal edit --relabel marks samples)")
+        new = [a for a in answers if received.get(a.sample_id) != mask_digest(a.mask)]
+        if relabel:
+            current = df.set_index(SAMPLE_ID)[MASK_PATH]
+            new = [a for a in new if not str(current.get(a.sample_id, "")).endswith(f"-{mask_digest(a.mask)}.png")]
+        report = {"source": str(source), "found": len(answers), "added": [a.sample_id for a in new],
+                  "unchanged": len(answers) - len(new), "revision": base}
+        if not new:
+            return report
+        import cv2
+
+        labels_dir = self.workdir / "labels" / (f"relabel-{task.name}" if relabel else f"round-{state.round:03d}")
+        labels_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for a in new:
+            path = labels_dir / f"{task_name(a.sample_id)}-{mask_digest(a.mask)}.png"
+            if not path.exists():  # content-addressed: never overwritten
+                png: bytes = cv2.imencode(".png", a.mask)[1].tobytes()
+                atomic_write(path, partial(Path.write_bytes, data=png))
+            paths[a.sample_id] = str(path)
+        idx = df[SAMPLE_ID].isin(paths)
+        df.loc[idx, MASK_PATH] = df.loc[idx, SAMPLE_ID].map(paths)
+        if relabel:
+            df.loc[idx, "needs_relabel"] = False
+        else:
+            df.loc[idx, LABELED] = True
+            df.loc[idx, ROUND_LABELED] = state.round
+            df.loc[idx, WEIGHT] = df.loc[idx, WEIGHT].where(df.loc[idx, WEIGHT] > 0, 1.0)
+        what = "relabel" if relabel else "labels"
+        rev = self.store.write(df, parent=base, round=state.round,
+                               comment=f"import {what}: {len(new)} masks from {source}")
+        report["revision"] = rev
+        if request is not None:
+            if not relabel:
+                request["received"].update({a.sample_id: mask_digest(a.mask) for a in new})
+                request["imports"].append({"source": str(source), "added": len(new), "revision": rev})
+            request["revision"] = rev
+        else:
+            state.revision = rev
+        state.save(self.workdir)
+        return report
+
+    def edit(self, *, weights: dict[str, float] | None = None, exclude: dict[str, bool] | None = None,
+             relabel: list[str] | None = None, comment: str) -> str:
+        """Apply a curation edit as a new table revision naming its parent and ``comment``.
+
+        ``weights``: sample id -> weight (0 = kept but never drawn for training); ``exclude``: sample
+        id -> excluded from training or restored; ``relabel``: labeled ids to send back to people
+        (a task folder is written for interactive oracles). Returns the new revision id.
+        """
+        state = self._require_state()
+        if state.phase not in ("",) and self.awaiting_labels is None:
+            raise ValueError(f"edits apply between rounds or while labels are awaited; round {state.round} "
+                             f"is after phase '{state.phase}': finish it with shoal resume first")
+        if not comment.strip():
+            raise ValueError("an edit needs a comment saying why (--comment)")
+        base = self._current_revision(state)
+        df = self.store.read(base)
+        known = set(df.loc[df[SPLIT] == TRAIN_SPLIT, SAMPLE_ID])
+        for what, ids in (("weights", weights or {}), ("exclude", exclude or {}), ("relabel", relabel or [])):
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise ValueError(f"{what}: unknown train sample id(s) {', '.join(map(str, unknown[:5]))}")
+        for sid, w in (weights or {}).items():
+            if not np.isfinite(w) or w < 0:
+                raise ValueError(f"weights: sample {sid}: weight must be finite and >= 0, got {w}")
+        if "excluded" not in df.columns:
+            df["excluded"] = False
+        if "needs_relabel" not in df.columns:
+            df["needs_relabel"] = False
+        index = df.set_index(SAMPLE_ID).index
+        for sid, w in (weights or {}).items():
+            df.loc[index.get_loc(sid), WEIGHT] = float(w)
+        for sid, flag in (exclude or {}).items():
+            row = index.get_loc(sid)
+            df.loc[row, "excluded"] = bool(flag)
+            df.loc[row, WEIGHT] = 0.0 if flag else (1.0 if df.loc[row, LABELED] else 0.0)
+        if relabel:
+            not_labeled = [i for i in relabel if not df.loc[index.get_loc(i), LABELED]]
+            if not_labeled:
+                raise ValueError(f"relabel: sample(s) {', '.join(not_labeled[:5])} are not labeled")
+            df.loc[df[SAMPLE_ID].isin(relabel), "needs_relabel"] = True
+        rev = self.store.write(df, parent=base, round=state.round, comment=f"edit: {comment}")
+        if relabel and build_oracle(self.config.oracle.kind).interactive:
+            export_folder_tasks(df, relabel, self.workdir / "relabel" / rev, self._classes(), round_index=state.round,
+                                kind="relabel", label_studio=self.config.oracle.kind == "label-studio",
+                                image_root_url=self.config.oracle.image_root_url)
+        request = self.awaiting_labels
+        if request is not None and request.get("revision"):
+            request["revision"] = rev
+        elif request is not None:
+            state.revision = rev
+        else:
+            state.revision = rev
+        state.save(self.workdir)
+        return rev
 
     # ------------------------------------------------------------------ set-up
 
@@ -259,7 +472,7 @@ class ActiveLearningLoop:
         return self._tracker
 
     def _ray(self) -> None:
-        workers.ensure_ray(self.config.ray.address, self.config.ray.num_cpus)
+        workers.ensure_ray(self.config.ray.address, self.config.ray.num_cpus, self.config.ray.log_to_driver)
 
     # ------------------------------------------------------------------ phases
 
@@ -270,6 +483,7 @@ class ActiveLearningLoop:
         labeled = df[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED] & (df[WEIGHT] > 0)]
         val = df[df[SPLIT] == VAL_SPLIT]
         classes = self._classes()
+        round_dir = self._round_dir(state)
         spec = workers.TrainSpec(
             model_name=cfg.model.name,
             model_options=dict(cfg.model.options),
@@ -287,8 +501,20 @@ class ActiveLearningLoop:
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
             seed=cfg.experiment.seed * 1000 + state.round,
-            output_dir=str(self._round_dir(state)),
+            output_dir=str(round_dir),
             use_gpu=cfg.train.use_gpu,
+            train_ids=labeled[SAMPLE_ID].tolist(),
+            val_ids=val[SAMPLE_ID].tolist(),
+            loss=workers.LossSpec(**asdict(cfg.train.loss)),
+            optimizer=cfg.train.optimizer,
+            momentum=cfg.train.momentum,
+            schedule=cfg.train.schedule,
+            warmup_steps=cfg.train.warmup_steps,
+            grad_clip=cfg.train.grad_clip,
+            amp=cfg.train.amp,
+            early_stopping_patience=cfg.train.early_stopping_patience,
+            init_checkpoint=self._init_checkpoint(state),
+            augment=workers.AugmentSpec(**asdict(cfg.train.augment)),
         )
         result = workers.train(
             spec,
@@ -297,15 +523,65 @@ class ActiveLearningLoop:
             storage_path=str(self.workdir / "ray_train"),
             run_name=f"round-{state.round:03d}-{uuid.uuid4().hex[:6]}",
         )
+        # The per-sample tables go to files in the round dir; the state file keeps their paths.
+        signals = pd.DataFrame({SAMPLE_ID: result.train_ids, TRAIN_LOSS: result.train_loss, TRAIN_IOU: result.train_iou})
+        signals_file = round_dir / TRAIN_SIGNALS_FILE
+        atomic_write(signals_file, lambda p: signals.to_parquet(p, index=False))
+        per_image_file = round_dir / VAL_PER_IMAGE_FILE
+        per_image = pd.DataFrame(result.val_per_image)
+        atomic_write(per_image_file, lambda p: per_image.to_parquet(p, index=False))
         info = asdict(result)
+        for key in ("train_ids", "train_loss", "train_iou", "val_per_image"):
+            info.pop(key)
+        info["train_signals_file"] = str(signals_file)
+        info["val_per_image_file"] = str(per_image_file)
         info["trained_on"] = len(labeled)
         info["seconds"] = result.train_seconds
         return info
 
+    def _init_checkpoint(self, state: State) -> str | None:
+        """The previous round's best checkpoint when ``train.init`` is ``previous`` (not in round 1)."""
+        if self.config.train.init == "scratch" or state.round <= 1:
+            return None
+        path = self.workdir / "rounds" / f"round-{state.round - 1:03d}" / "model.pt"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"train.init is 'previous' but round {state.round - 1}'s checkpoint {path} is missing; "
+                "restore it or set train.init: scratch"
+            )
+        return str(path)
+
+    def _with_train_signals(self, df: pd.DataFrame, state: State) -> pd.DataFrame:
+        """``df`` with this round's per-sample training signals (``train_loss``, ``train_iou``)
+        replacing the parent revision's: NaN for samples the round's model was not trained on."""
+        df = df.drop(columns=[c for c in (TRAIN_LOSS, TRAIN_IOU) if c in df.columns])
+        path = state.round_info["train"].get("train_signals_file")
+        if path is None:  # a round trained before the signals existed
+            return df
+        signals = pd.read_parquet(path, columns=[SAMPLE_ID, TRAIN_LOSS, TRAIN_IOU])
+        return df.merge(signals, on=SAMPLE_ID, how="left", validate="one_to_one")
+
+    def _strategy(self) -> Any:
+        """The configured strategy, checked against what the scorer writes today."""
+        strategy = build_strategy(self.config.loop.strategy, **self.config.loop.strategy_options)
+        needs = strategy.requirements()
+        written = set(workers.SCORED_COLUMNS)
+        missing = sorted(needs.columns - written) + sorted(needs.column_prefixes - {columns.CLASS_FRACTION_PREFIX})
+        if needs.embeddings:
+            missing.append("pooled encoder embeddings")
+        if needs.mc_dropout_passes:
+            missing.append(f"{needs.mc_dropout_passes} Monte-Carlo dropout passes")
+        if missing:
+            raise ValueError(
+                f"loop.strategy: '{self.config.loop.strategy}' needs {', '.join(missing)}, which the pool "
+                f"scorer does not produce yet; choose one of the mean-uncertainty strategies or random"
+            )
+        return strategy
+
     def _phase_score(self, state: State) -> dict[str, Any]:
         cfg = self.config
-        strategy = build_strategy(cfg.loop.strategy)
-        if not strategy.required_columns:
+        needs = self._strategy().requirements()
+        if not (needs.columns or needs.column_prefixes):
             return {"scores_dir": None, "num_scored": 0, "seconds": 0.0}
         self._ray()
         df = self.store.read(state.revision)
@@ -341,7 +617,7 @@ class ActiveLearningLoop:
         cfg = self.config
         t0 = time.perf_counter()
         candidates = self._candidates(state)
-        strategy = build_strategy(cfg.loop.strategy)
+        strategy = self._strategy()
         budget = min(cfg.loop.budget, len(candidates))
         rng = np.random.default_rng([cfg.experiment.seed, state.round, 1])
         selected = strategy.select(candidates, budget, rng)
@@ -352,9 +628,11 @@ class ActiveLearningLoop:
         atomic_write(path, lambda p: chosen.to_csv(p, index=False))
         return {"selected": selected, "selection_file": str(path), "seconds": seconds}
 
-    def _phase_label(self, state: State) -> dict[str, Any]:
+    def _phase_label(self, state: State) -> dict[str, Any] | None:
         cfg = self.config
         selected = state.round_info["select"]["selected"]
+        if build_oracle(cfg.oracle.kind).interactive:
+            return self._human_label(state)
         latest = self.store.revisions()[-1]
         latest_info = self.store.info(latest)
         parent = state.revision
@@ -368,6 +646,7 @@ class ActiveLearningLoop:
         score_cols = [c for c in candidates.columns if c != SAMPLE_ID]
         df = df.drop(columns=[c for c in score_cols if c in df.columns])
         df = df.merge(candidates, on=SAMPLE_ID, how="left")
+        df = self._with_train_signals(df, state)
         idx = df[SAMPLE_ID].isin(selected)
         df.loc[idx, LABELED] = True
         df.loc[idx, ROUND_LABELED] = state.round
@@ -380,48 +659,81 @@ class ActiveLearningLoop:
         return {"revision": rev, "parent": parent, "added": selected}
 
     def _phase_track(self, state: State) -> dict[str, Any]:
+        from . import _report as report
+
         cfg = self.config
         tracker = self._tracker_()
         classes = self._classes()
+        tags = report.experiment_tags(cfg)
         if state.parent_run_id is None:
             state.parent_run_id = tracker.parent_run(
-                state.experiment_uid, cfg.experiment.name,
-                tags={"shoal.workdir": str(self.workdir), "shoal.strategy": cfg.loop.strategy},
+                state.experiment_uid, cfg.experiment.name, tags={"shoal.workdir": str(self.workdir), **tags},
             )
             tracker.log(state.parent_run_id, params=cfg.flat())
             state.save(self.workdir)
         info = state.round_info
         train, label = info["train"], info["label"]
-        child = tracker.round_run(state.experiment_uid, state.parent_run_id, state.round,
-                                  tags={"shoal.strategy": cfg.loop.strategy})
+        round_dir = self._round_dir(state)
+        child = tracker.round_run(state.experiment_uid, state.parent_run_id, state.round, tags=tags)
+        df = self.store.read(label["revision"])
         labeled_after = self.store.info(label["revision"]).num_labeled
-        metrics = self._round_metrics(state, classes.names, labeled_after)
-        tracker.log(
-            child,
-            params={**cfg.flat(), "round": state.round, "table_revision": label["revision"],
-                    "table_parent_revision": label["parent"], "trained_on_revision": label["parent"]},
-            metrics=metrics,
-            step=state.round,
-        )
+        previous_dir = self.workdir / "rounds" / f"round-{state.round - 1:03d}" if state.round > 1 else None
+        pixels = report.labeled_pixels(df, classes, round_dir, previous_dir)
+        metrics = self._round_metrics(state, classes.names, labeled_after, pixels)
+        curve = report.learning_curve(
+            state.history, (state.round, int(train["trained_on"]), float(train["val_miou"]), labeled_after))
+        auc = workers.learning_curve_auc(curve["trained_on"], curve["val_miou"])
+        baseline = None
+        if cfg.loop.strategy != "random":
+            found = tracker.experiment_runs(
+                {workers.TAG_STRATEGY: "random", workers.TAG_DATASET: tags[workers.TAG_DATASET]},
+                exclude=[state.parent_run_id])
+            baseline = tracker.curve(found[0], "trained_on", "val_miou") if found else None
+        selection = report.selection_with_reasons(
+            pd.read_csv(info["select"]["selection_file"], dtype={SAMPLE_ID: str}), cfg.loop.strategy,
+            self._candidates(state), len(info["select"]["selected"]),
+            np.random.default_rng([cfg.experiment.seed, state.round, 1]))  # the select phase's generator
+        artifacts = report.write_round_report(
+            round_dir / report.REPORT_DIR, cfg=cfg, classes=classes, round_index=state.round, curve=curve,
+            baseline=baseline, train=train, pixels=pixels, revision_df=df, selection=selection)
+        tracker.log(child, params=report.round_params(cfg, state.round, label["revision"], label["parent"]),
+                    metrics=metrics, step=state.round)
         for epoch in train["history"]:
             tracker.log(child, metrics={"epoch_val_miou": epoch["val_miou"], "epoch_train_loss": epoch["train_loss"]},
                         step=int(epoch["epoch"]))
         lineage = [asdict(i) for i in self.store.lineage(label["revision"])]
-        lineage_file = self._round_dir(state) / "revision.json"
+        lineage_file = round_dir / "revision.json"
         atomic_write_json(lineage_file, {"revision": label["revision"], "parent": label["parent"], "lineage": lineage})
-        tracker.log_artifacts(child, [info["select"]["selection_file"], lineage_file])
+        tracker.log_artifacts(child, [*artifacts.root, lineage_file])
+        tracker.log_artifacts(child, artifacts.figures, "figures")
+        tracker.log_artifacts(child, artifacts.tables, "tables")
         tracker.finish(child)
+        # The parent holds the summary so far: the curve (replaced every round) and its area.
         tracker.log(state.parent_run_id, metrics={
             "val_miou": metrics["val_miou"], "trained_on": metrics["trained_on"], "labeled_count": labeled_after,
+            "learning_curve_auc": auc,
         }, step=state.round)
-        return {"child_run_id": child}
+        curve_files = [p for p in (*artifacts.figures, *artifacts.tables) if p.stem == "learning_curve"]
+        tracker.log_artifacts(state.parent_run_id, curve_files)
+        return {"child_run_id": child, "metrics": metrics, "learning_curve_auc": auc}
 
-    def _round_metrics(self, state: State, names: tuple[str, ...], labeled_after: int) -> dict[str, float]:
+    def _round_metrics(
+        self, state: State, names: tuple[str, ...], labeled_after: int, pixels: pd.DataFrame | None = None
+    ) -> dict[str, float]:
+        """The round's metrics: validation scores of its model (per class too), labeled count and
+        labeled pixels per class (``pixels``: one row per labeled sample, ``pixels_<class>``
+        columns) and phase timings. Missing values are NaN (MLflow skips them)."""
+        from . import _report as report
+
         info = state.round_info
         train = info["train"]
+        nan = float("nan")
         metrics = {
             "val_miou": train["val_miou"],
             "val_pixel_accuracy": train["val_pixel_accuracy"],
+            "val_mean_dice": float(train.get("val_mean_dice", nan)),
+            "val_fw_iou": float(train.get("val_fw_iou", nan)),
+            "val_image_miou": float(train.get("val_image_miou", nan)),
             "trained_on": float(train["trained_on"]),
             "labeled_count": float(labeled_after),
             "added": float(len(info["select"]["selected"])),
@@ -432,16 +744,22 @@ class ActiveLearningLoop:
         }
         for name, iou in zip(names, train["val_iou_per_class"]):
             metrics[f"val_iou_{name}"] = iou
+        for name, dice in zip(names, report.dice_per_class(train, len(names))):
+            metrics[f"val_dice_{name}"] = dice
+        if pixels is not None:
+            for name in names:
+                metrics[f"labeled_pixels_{name}"] = float(pixels[f"{report.PIXELS_PREFIX}{name}"].sum())
         return metrics
 
     def _finish_round(self, state: State) -> None:
         cfg = self.config
         info = state.round_info
         labeled_after = self.store.info(info["label"]["revision"]).num_labeled
-        metrics = self._round_metrics(state, self._classes().names, labeled_after)
+        # The track phase computed them (with the labeled pixels); rounds tracked before it did not.
+        metrics = info["track"].get("metrics") or self._round_metrics(state, self._classes().names, labeled_after)
         timings = {p: float(info[p]["seconds"]) for p in ("train", "score", "select", "label", "track")}
         result = RoundResult(
-            round=state.round, added=list(info["select"]["selected"]), trained_on=int(info["train"]["trained_on"]),
+            round=state.round, added=list(info["label"]["added"]), trained_on=int(info["train"]["trained_on"]),
             labeled_count=labeled_after, metrics=metrics, timings=timings, revision=info["label"]["revision"],
             strategy=cfg.loop.strategy, extra={"child_run_id": info["track"]["child_run_id"]},
         )
@@ -457,8 +775,13 @@ class ActiveLearningLoop:
             tracker = self._tracker_()
             assert state.parent_run_id is not None
             tracker.log(state.parent_run_id, metrics={
-                "final_val_miou": metrics["val_miou"], "rounds": float(state.round)},
+                "final_val_miou": metrics["val_miou"], "rounds": float(state.round),
+                "final_learning_curve_auc": info["track"].get("learning_curve_auc", float("nan"))},
                 tags={"shoal.stopped": state.stopped})
+            # The last round's best model, once per experiment, in a format the registry takes.
+            model = workers.load_checkpoint(info["train"]["checkpoint_path"]).eval()
+            height, width = cfg.data.image_size
+            tracker.log_pytorch_model(state.parent_run_id, model, np.zeros((2, 3, height, width), np.float32))
             tracker.finish(state.parent_run_id)
         state.round += 1
         state.phase = ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 
@@ -11,6 +12,9 @@ from ._table import MASK_PATH, SAMPLE_ID
 
 
 class Oracle(ABC):
+    interactive: ClassVar[bool] = False
+    """True: people label; the loop exports a task folder and waits for ``import-labels``."""
+
     @abstractmethod
     def label(self, table: pd.DataFrame, sample_ids: list[str]) -> dict[str, str]:
         """Labels for ``sample_ids``: sample id -> path of its class-id mask PNG."""
@@ -30,7 +34,21 @@ class SimulatedOracle(Oracle):
         return {str(k): str(v) for k, v in rows.items()}
 
 
-_ORACLES = {"simulated": SimulatedOracle}
+class FolderOracle(Oracle):
+    """People label a task folder of images (with pre-annotations) and return class-id PNGs."""
+
+    interactive = True
+
+    def label(self, table: pd.DataFrame, sample_ids: list[str]) -> dict[str, str]:
+        raise RuntimeError("people label through the task folder: shoal import-labels WORKDIR SOURCE")
+
+
+class LabelStudioOracle(FolderOracle):
+    """Like the folder oracle, plus tasks.json with brush pre-annotations for Label Studio; its JSON
+    export is read back into class-id masks."""
+
+
+_ORACLES: dict[str, type[Oracle]] = {"simulated": SimulatedOracle, "folder": FolderOracle, "label-studio": LabelStudioOracle}
 
 
 def build_oracle(kind: str) -> Oracle:

@@ -29,26 +29,40 @@ log = logging.getLogger(__name__)
 def uncertainty_columns(probs: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-image scores from softmax probabilities ``probs``: float [N, C, H, W].
 
-    Returns float64 arrays of length N: mean pixel entropy (nats), mean top-1/top-2 margin, mean
-    least confidence, and the predicted pixel fraction of every class (``pred_frac_<c>``).
+    Returns float64 arrays of length N: for entropy (nats), margin (top-1 minus top-2 probability)
+    and least confidence (1 - top-1), the mean over pixels and the mean over the
+    ``TOPK_PIXEL_FRACTION`` most uncertain pixels (a plain mean hides small uncertain objects);
+    and the predicted pixel fraction of every class (``pred_frac_<c>``).
     """
     n, c = probs.shape[:2]
     p = probs.double().clamp_min(1e-12)
-    entropy = -(p * p.log()).sum(1).flatten(1).mean(1)
+    entropy = -(p * p.log()).sum(1).flatten(1)
     top = probs.double().topk(min(2, c), dim=1).values
-    margin = (top[:, 0] - top[:, 1]).flatten(1).mean(1) if c > 1 else torch.ones(n, dtype=torch.float64)
-    least_conf = (1.0 - top[:, 0]).flatten(1).mean(1)
+    margin = (top[:, 0] - top[:, 1]).flatten(1) if c > 1 else torch.ones_like(entropy)
+    least_conf = (1.0 - top[:, 0]).flatten(1)
+    k = max(1, int(round(col.TOPK_PIXEL_FRACTION * entropy.shape[1])))
     pred = probs.argmax(1).flatten(1)
     counts = torch.zeros(n, c, dtype=torch.float64).scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float64))
     fractions = counts / pred.shape[1]
     out = {
-        col.ENTROPY_MEAN: entropy.numpy(),
-        col.MARGIN_MEAN: margin.numpy(),
-        col.LEAST_CONFIDENCE_MEAN: least_conf.numpy(),
+        col.ENTROPY_MEAN: entropy.mean(1).numpy(),
+        col.MARGIN_MEAN: margin.mean(1).numpy(),
+        col.LEAST_CONFIDENCE_MEAN: least_conf.mean(1).numpy(),
+        col.ENTROPY_TOPK: entropy.topk(k, dim=1).values.mean(1).numpy(),
+        # the most uncertain pixels have the smallest margins
+        col.MARGIN_TOPK: (-(-margin).topk(k, dim=1).values).mean(1).numpy(),
+        col.LEAST_CONFIDENCE_TOPK: least_conf.topk(k, dim=1).values.mean(1).numpy(),
     }
-    for k in range(c):
-        out[col.class_fraction_column(k)] = fractions[:, k].numpy()
+    for k_class in range(c):
+        out[col.class_fraction_column(k_class)] = fractions[:, k_class].numpy()
     return out
+
+
+SCORED_COLUMNS = frozenset({
+    col.ENTROPY_MEAN, col.MARGIN_MEAN, col.LEAST_CONFIDENCE_MEAN,
+    col.ENTROPY_TOPK, col.MARGIN_TOPK, col.LEAST_CONFIDENCE_TOPK,
+})
+"""The fixed-name score columns :func:`uncertainty_columns` writes (plus ``pred_frac_<c>``)."""
 
 
 class PoolScorer:

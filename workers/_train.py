@@ -1,19 +1,35 @@
 """Training worker: fit a segmentation model on the labeled set with Ray Train (DDP).
 
-The public call is :func:`train`. The per-worker loop, the weighted distributed sampler and the
-validation metrics are plain functions and classes that tests call without Ray.
+The public call is :func:`train`. The per-worker loop (:func:`train_loop`), the weighted
+distributed sampler and the evaluation (:func:`evaluate_dataset`) are plain functions and classes
+that tests call without Ray; under Ray Train they read rank and world size from
+``torch.distributed``.
+
+What a run does, on every rank:
+
+1. counts the labeled set's class pixels (rank shards, summed) and derives class weights;
+2. trains for ``epochs`` (AdamW or SGD, linear warm-up then poly or cosine decay, gradient
+   clipping, mixed precision on GPU), drawing samples by weight;
+3. after every epoch, evaluates the validation set: one confusion matrix summed over ranks, and a
+   per-image table gathered from the ranks; keeps the best epoch by validation mIoU and stops
+   early after ``early_stopping_patience`` epochs without improvement;
+4. restores the best epoch's weights and computes the loss and IoU of every labeled sample
+   (the per-sample training signals).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import logging
 import math
+import random
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,17 +37,51 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ._augment import IMAGENET_MEAN as _MEAN
+from ._augment import IMAGENET_STD as _STD
+from ._augment import Augmenter, AugmentSpec, normalize
 from ._data import ClassInfo, load_image, load_mask
-from ._models import build_model, save_model_state
+from ._losses import (
+    LossSpec,
+    SegmentationLoss,
+    class_pixel_counts,
+    class_weights_from_counts,
+    cross_entropy_per_image,
+)
+from ._metrics import (
+    confusion_matrix,
+    image_mean,
+    iou_from_confusion,
+    metrics_from_confusion,
+    per_image_confusion,
+    per_image_scores,
+)
+from ._models import build_model, load_model_state, save_model_state
+
+__all__ = [
+    "Evaluation",
+    "SegmentationDataset",
+    "TrainResult",
+    "TrainSpec",
+    "WeightedDistributedSampler",
+    "confusion_matrix",
+    "evaluate_dataset",
+    "iou_from_confusion",
+    "lr_factor",
+    "train",
+    "train_loop",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.array(_MEAN, dtype=np.float32)
+IMAGENET_STD = np.array(_STD, dtype=np.float32)
 CHECKPOINT_FILE = "model.pt"
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("poly", "cosine")
+POLY_POWER = 0.9
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -53,7 +103,11 @@ def load_pair(
 
 
 class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
-    """Decodes (image, mask) pairs from paths inside the worker; caches decoded pairs in memory."""
+    """Decodes (image, mask) pairs from paths inside the worker; caches decoded pairs in memory.
+
+    ``dataset[i]`` is ``(x float32 [3, h, w] normalised, y int64 [h, w], i)``, augmented when an
+    ``augmenter`` is given. The cache holds uint8 images, shared by :meth:`without_augment` views.
+    """
 
     def __init__(
         self,
@@ -62,6 +116,7 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         classes: ClassInfo,
         size: tuple[int, int],
         cache: bool = True,
+        augmenter: Augmenter | None = None,
     ) -> None:
         if len(image_paths) != len(mask_paths):
             raise ValueError("image_paths and mask_paths differ in length")
@@ -69,20 +124,35 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         self.mask_paths = list(mask_paths)
         self.classes = classes
         self.size = size
+        self.augmenter = augmenter
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded sample: uint8 ``[3, H, W]`` RGB and int64 ``[H, W]`` class ids."""
         if self._cache is not None and index in self._cache:
-            x, y = self._cache[index]
+            return self._cache[index]
+        image, mask = load_pair(self.image_paths[index], self.mask_paths[index], self.classes, self.size)
+        pair = (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(mask))
+        if self._cache is not None:
+            self._cache[index] = pair
+        return pair
+
+    def without_augment(self) -> SegmentationDataset:
+        """A view of the same samples (and cache) without augmentation, for evaluation."""
+        other = copy.copy(self)  # shallow: the cache dict is shared
+        other.augmenter = None
+        return other
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, mask = self.pair(index)
+        if self.augmenter is not None:
+            x, y = self.augmenter(image, mask)
         else:
-            image, mask = load_pair(self.image_paths[index], self.mask_paths[index], self.classes, self.size)
-            x, y = to_tensor(image), torch.from_numpy(mask.astype(np.int64))
-            if self._cache is not None:
-                self._cache[index] = (x, y)
-        return x, y, index
+            x, y = image.float() / 255.0, mask
+        return normalize(x), y.long(), index
 
 
 class WeightedDistributedSampler(DistributedSampler[int]):
@@ -131,26 +201,6 @@ class WeightedDistributedSampler(DistributedSampler[int]):
         self.epoch = epoch
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """int64 [C, C], rows = ground truth, columns = prediction; ignored pixels are skipped."""
-    valid = target != ignore_index
-    idx = target[valid] * num_classes + pred[valid]
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def iou_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Per-class IoU (NaN for a class absent from both truth and prediction), mIoU over present
-    classes, and pixel accuracy."""
-    cm = cm.astype(np.float64)
-    tp = np.diag(cm)
-    union = cm.sum(0) + cm.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
-    acc = float(tp.sum() / cm.sum()) if cm.sum() > 0 else 0.0
-    return iou, miou, acc
-
-
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything a worker needs; plain data so it pickles to Ray workers."""
@@ -176,6 +226,38 @@ class TrainSpec:
     checkpoint_via_report: bool = False
     """True: the best model goes to Ray Train's checkpoint storage (worker processes, possibly on
     other nodes). False: rank 0 writes it to ``output_dir`` itself (in-process runs)."""
+    train_ids: list[str] | None = None
+    """Sample ids of ``train_images`` (for the per-sample signals); None = the image paths."""
+    val_ids: list[str] | None = None
+    """Sample ids of ``val_images`` (for the per-image table); None = the image paths."""
+    loss: LossSpec = field(default_factory=LossSpec)
+    optimizer: str = "adamw"
+    """``adamw`` or ``sgd`` (with ``momentum``)."""
+    momentum: float = 0.9
+    schedule: str = "poly"
+    """Learning-rate decay after warm-up: ``poly`` (power 0.9) or ``cosine``, both to 0."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear warm-up from lr / warmup_steps to lr."""
+    grad_clip: float | None = 5.0
+    """Maximum global gradient norm; None = no clipping."""
+    amp: bool = True
+    """Mixed precision (autocast) on GPU; ignored on CPU."""
+    early_stopping_patience: int | None = None
+    """Stop after this many epochs without a better validation mIoU; None = run every epoch."""
+    init_checkpoint: str | None = None
+    """Start from these weights (a checkpoint of the same model and classes); None = from scratch."""
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    val_batch_size: int | None = None
+    """Batch size of evaluation passes; None = ``batch_size``. Results do not depend on it."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        for name, ids, paths in (("train_ids", self.train_ids, self.train_images), ("val_ids", self.val_ids, self.val_images)):
+            if ids is not None and len(ids) != len(paths):
+                raise ValueError(f"{name} has {len(ids)} entries for {len(paths)} images")
 
 
 @dataclass
@@ -188,6 +270,32 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    # Added fields below; all have defaults so older readers and callers keep working.
+    val_fw_iou: float = float("nan")
+    val_mean_dice: float = float("nan")
+    val_image_miou: float = float("nan")
+    """Per-image mIoU (classes present in the image) averaged over images."""
+    val_dice_per_class: list[float] = field(default_factory=list)
+    val_precision_per_class: list[float] = field(default_factory=list)
+    val_recall_per_class: list[float] = field(default_factory=list)
+    val_confusion: list[list[int]] = field(default_factory=list)
+    """The best epoch's confusion matrix over the whole validation set, rows = truth."""
+    val_per_image: list[dict[str, Any]] = field(default_factory=list)
+    """One row per validation image: ``sample_id``, ``loss`` (mean pixel cross-entropy), ``miou``
+    and ``mdice`` (means over the classes present in the image), then
+    ``iou_<class>`` and ``dice_<class>`` (NaN where the class is in neither truth nor prediction)."""
+    class_pixel_frequency: list[float] = field(default_factory=list)
+    """Share of the labeled (non-ignored, sample-weighted) pixels in each class."""
+    class_weights: list[float] | None = None
+    """The class weights the loss used; None without class weighting."""
+    train_ids: list[str] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    """Mean pixel cross-entropy (nats, no class weights, whatever the training loss) of each
+    labeled sample (``train_ids`` order) under the best model, unaugmented."""
+    train_iou: list[float] = field(default_factory=list)
+    """IoU of each labeled sample, the mean over the classes present in that image."""
+    epochs_run: int = 0
+    stopped_early: bool = False
 
 
 def _world() -> tuple[int, int]:
@@ -196,93 +304,292 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader[Any], num_classes: int, ignore_index: int, device: torch.device) -> np.ndarray:
-    """Confusion matrix of ``model`` over ``loader``, summed across DDP ranks: int64 [C, C]."""
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` (from ``1 / warmup_steps`` to 1), then ``poly``
+    ``(1 - t) ** 0.9`` or ``cosine`` ``(1 + cos(pi t)) / 2`` with ``t`` the fraction of the
+    remaining steps done.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(step - warmup_steps, span - 1) / span
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return (1.0 - t) ** POLY_POWER
+
+
+@dataclass
+class Evaluation:
+    """A model's evaluation over a whole dataset (all ranks' shards put together)."""
+
+    confusion: np.ndarray
+    """int64 ``[C, C]``, rows = truth, summed over every image."""
+    loss: np.ndarray
+    """float64 ``[N]``: mean pixel cross-entropy of each image (nats, no class weights), in
+    dataset order; NaN for an image with every pixel ignored."""
+    iou: np.ndarray
+    """float64 ``[N, C]``: IoU of each image and class, NaN where the class is absent."""
+    dice: np.ndarray
+    """float64 ``[N, C]``: Dice of each image and class, NaN where the class is absent."""
+
+    @property
+    def image_iou(self) -> np.ndarray:
+        """float64 ``[N]``: each image's mean IoU over the classes present in it."""
+        return image_mean(self.iou)
+
+
+def _sync_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics drift apart in the last step)."""
+    if not _distributed():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+def evaluate_dataset(
+    model: torch.nn.Module,
+    dataset: Dataset[Any],
+    num_classes: int,
+    ignore_index: int,
+    device: torch.device,
+    *,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> Evaluation:
+    """Evaluate ``model`` over every sample of ``dataset`` (items ``(x, y, index)``, unaugmented).
+
+    Under DDP each rank takes a disjoint stride of the samples (no padding, no duplicates); the
+    confusion matrices are summed and the per-image rows gathered, so every rank returns the same
+    :class:`Evaluation`, identical for any batch size and number of ranks. ``model`` must be the
+    unwrapped module (no DDP collectives in its forward).
+    """
+    rank, world = _world()
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    indices: list[int] = []
+    losses: list[np.ndarray] = []
+    cms: list[np.ndarray] = []
+    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))  # type: ignore[arg-type]
     with torch.no_grad():
-        for x, y, _ in loader:
+        for x, y, index in DataLoader(shard, batch_size=batch_size):
             x, y = x.to(device), y.to(device)
-            pred = model(x).argmax(1)
-            cm += confusion_matrix(pred, y, num_classes, ignore_index)
-    if dist.is_available() and dist.is_initialized():
+            with _autocast(device, autocast_dtype):
+                logits = model(x)
+            logits = logits.float()
+            pred = logits.argmax(1)
+            image_cms = per_image_confusion(pred, y, num_classes, ignore_index)
+            cm += image_cms.sum(0)
+            cms.append(image_cms.cpu().numpy())
+            indices += [int(i) for i in index]
+            losses.append(cross_entropy_per_image(logits, y, ignore_index).double().cpu().numpy())
+    local = (
+        indices,
+        np.concatenate(losses) if losses else np.zeros(0),
+        np.concatenate(cms) if cms else np.zeros((0, num_classes, num_classes), np.int64),
+    )
+    parts = [local]
+    if _distributed():
         dist.all_reduce(cm)
-    return cm.cpu().numpy()
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local)
+        parts = gathered
+    order = np.array([i for part in parts for i in part[0]], dtype=np.int64)
+    loss = np.concatenate([part[1] for part in parts])
+    all_cms = np.concatenate([part[2] for part in parts])
+    by_index = np.argsort(order, kind="stable")
+    iou, dice = per_image_scores(all_cms[by_index])
+    return Evaluation(confusion=cm.cpu().numpy(), loss=loss[by_index], iou=iou, dice=dice)
 
 
-def train_loop(spec: TrainSpec, report: Any = None) -> dict[str, Any]:
+def _class_statistics(
+    dataset: SegmentationDataset, weights: Sequence[float], num_classes: int, ignore_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted class pixel counts of the labeled set: rank shards, summed across ranks."""
+    rank, world = _world()
+    shard = range(rank, len(dataset), world)
+    pixels, image_pixels = class_pixel_counts(
+        ((dataset.pair(i)[1], float(weights[i])) for i in shard), num_classes, ignore_index
+    )
+    if _distributed():
+        both = torch.from_numpy(np.stack([pixels, image_pixels]))
+        dist.all_reduce(both)
+        pixels, image_pixels = both[0].numpy(), both[1].numpy()
+    return pixels, image_pixels
+
+
+def _build_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _autocast_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype | None:
+    if not spec.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_loop(spec: TrainSpec, report: Callable[[dict[str, float], str | None], None] | None = None) -> dict[str, Any]:
     """Run the training loop on this worker (rank/world size from torch.distributed when set).
 
     ``report(metrics, checkpoint_dir)`` is called once per epoch by every rank (``checkpoint_dir``
-    is set on rank 0 when the epoch improved the validation mIoU). Returns the epoch history and
-    the best epoch on rank 0.
+    is set on rank 0 when the epoch improved the validation mIoU). Returns plain data, the same on
+    every rank: ``history`` (one dict per epoch), ``best_epoch``, ``epochs_run``,
+    ``stopped_early``, the best epoch's validation ``val_confusion`` and per-image ``val_loss`` /
+    ``val_iou`` / ``val_dice`` (dataset order), ``class_pixel_frequency``, ``class_weights`` and the
+    per-sample ``train_loss`` / ``train_iou`` (``train_images`` order) under the best model.
     """
     rank, world = _world()
-    torch.manual_seed(spec.seed * 1000 + rank)
-    np.random.seed(spec.seed * 1000 + rank)
     device = _device(spec.use_gpu)
     classes = ClassInfo(names=spec.class_names, ignore_index=spec.ignore_index)
     num_classes = len(spec.class_names)
+    val_batch = spec.val_batch_size or spec.batch_size
 
-    train_ds = SegmentationDataset(spec.train_images, spec.train_masks, classes, spec.image_size)
+    # The same initial weights on every rank and for any world size; the rest per rank.
+    _seed_everything(spec.seed)
+    if spec.init_checkpoint:
+        model = load_model_state(spec.model_name, num_classes, spec.model_options, spec.init_checkpoint)
+    else:
+        model = build_model(spec.model_name, num_classes, spec.model_options)
+    model = model.to(device)
+    _seed_everything(spec.seed * 1000 + rank)
+
+    augmenter = Augmenter(spec.augment, spec.ignore_index, seed=spec.seed * 1000 + rank) if spec.augment.active else None
+    train_ds = SegmentationDataset(spec.train_images, spec.train_masks, classes, spec.image_size, augmenter=augmenter)
     sampler = WeightedDistributedSampler(spec.train_weights, spec.samples_per_epoch, world, rank, spec.seed)
     train_loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, drop_last=False)
     val_ds = SegmentationDataset(spec.val_images, spec.val_masks, classes, spec.image_size)
-    val_indices = list(range(rank, len(val_ds), world))  # disjoint shards, summed by all_reduce
-    val_loader = DataLoader(torch.utils.data.Subset(val_ds, val_indices), batch_size=spec.batch_size)
 
-    model = build_model(spec.model_name, num_classes, spec.model_options).to(device)
+    pixels, image_pixels = _class_statistics(train_ds, spec.train_weights, num_classes, spec.ignore_index)
+    weights = class_weights_from_counts(pixels, image_pixels, spec.loss.class_weights, spec.loss.class_weight_cap)
+    loss_fn = SegmentationLoss(spec.loss, num_classes, spec.ignore_index, weights).to(device)
+    if weights is not None and rank == 0:
+        log.info("class weights (%s): %s", spec.loss.class_weights, np.round(weights, 3).tolist())
+
     ddp_model: torch.nn.Module = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    steps = spec.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps - 1) / steps) ** 0.9)
+    optimizer = _build_optimizer(spec, model)
+    total_steps = spec.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, spec.warmup_steps, spec.schedule)
+    )
+    amp_dtype = _autocast_dtype(spec, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     history: list[dict[str, float]] = []
-    best_miou, best_epoch = -1.0, -1
+    best_miou, best_epoch, since_best, step = -1.0, -1, 0, 0
+    best_state: dict[str, torch.Tensor] = {}
+    best_eval: Evaluation | None = None
+    stopped_early = False
     for epoch in range(spec.epochs):
         ddp_model.train()
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         loss_sum, batches = 0.0, 0
         for x, y, _ in train_loader:
-            x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(ddp_model(x), y, ignore_index=spec.ignore_index)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                logits = ddp_model(x)
+            loss = loss_fn(logits, y, step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
+            scaler.scale(loss).backward()
+            if spec.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
+            step += 1
             loss_sum += float(loss.detach())
             batches += 1
-        cm = evaluate(model, val_loader, num_classes, spec.ignore_index, device)
-        iou, miou, acc = iou_from_confusion(cm)
+        _sync_buffers(model)
+        ev = evaluate_dataset(
+            model, val_ds, num_classes, spec.ignore_index, device,
+            batch_size=val_batch, autocast_dtype=amp_dtype,
+        )
+        m = metrics_from_confusion(ev.confusion)
         metrics: dict[str, float] = {
             "epoch": float(epoch),
             "train_loss": loss_sum / max(batches, 1),
-            "val_miou": miou,
-            "val_pixel_accuracy": acc,
+            "val_ce": _finite_mean(ev.loss),
+            "val_miou": m.miou,
+            "val_fw_iou": m.fw_iou,
+            "val_mean_dice": m.mean_dice,
+            "val_pixel_accuracy": m.pixel_accuracy,
+            "val_image_miou": _finite_mean(ev.image_iou),
+            "lr": float(optimizer.param_groups[0]["lr"]),
             "epoch_seconds": time.perf_counter() - t0,
         }
-        metrics.update({f"val_iou_{i}": float(v) for i, v in enumerate(iou)})
+        metrics.update({f"val_iou_{i}": float(v) for i, v in enumerate(m.iou)})
         history.append(metrics)
-        improved = miou > best_miou
+        # Every rank computes the same mIoU from the summed matrix, so all agree on these.
+        improved = m.miou > best_miou
         if improved:
-            best_miou, best_epoch = miou, epoch
+            best_miou, best_epoch, since_best, best_eval = m.miou, epoch, 0, ev
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
         if improved and rank == 0 and not spec.checkpoint_via_report:
             save_model_state(model, Path(spec.output_dir) / CHECKPOINT_FILE)
-        if report is None:
-            continue
-        if improved and rank == 0 and spec.checkpoint_via_report:
-            with tempfile.TemporaryDirectory(prefix="shoal-ckpt-") as tmp:
-                save_model_state(model, Path(tmp) / CHECKPOINT_FILE)
-                report(metrics, tmp)
-        else:
-            report(metrics, None)
-    return {"history": history, "best_epoch": best_epoch}
+        if report is not None:
+            if improved and rank == 0 and spec.checkpoint_via_report:
+                with tempfile.TemporaryDirectory(prefix="shoal-ckpt-") as tmp:
+                    save_model_state(model, Path(tmp) / CHECKPOINT_FILE)
+                    report(metrics, tmp)
+            else:
+                report(metrics, None)
+        if spec.early_stopping_patience is not None and since_best >= spec.early_stopping_patience:
+            stopped_early = epoch < spec.epochs - 1
+            if rank == 0:
+                log.info("early stop after epoch %d: no better val mIoU for %d epochs", epoch, since_best)
+            break
+
+    # Per-sample signals of the labeled set under the best model, without augmentation.
+    model.load_state_dict(best_state)
+    signals = evaluate_dataset(
+        model, train_ds.without_augment(), num_classes, spec.ignore_index, device,
+        batch_size=val_batch, autocast_dtype=amp_dtype,
+    )
+    assert best_eval is not None
+    total = pixels.sum()
+    return {
+        "history": history,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "val_confusion": best_eval.confusion.tolist(),
+        "val_loss": best_eval.loss.tolist(),
+        "val_iou": best_eval.iou.tolist(),
+        "val_dice": best_eval.dice.tolist(),
+        "class_pixel_frequency": (pixels / total if total > 0 else pixels).tolist(),
+        "class_weights": None if weights is None else weights.tolist(),
+        "train_loss": signals.loss.tolist(),
+        "train_iou": signals.image_iou.tolist(),
+    }
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -310,9 +617,14 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
-    """Ray waits forever for resources the cluster lacks: refuse such a request up front."""
+    """Ray waits forever for resources the cluster lacks: refuse such a request up front on a local
+    cluster. A cluster reached by address may autoscale, so requests there are left to Ray."""
     import ray
 
+    from ._ray import started_local_cluster
+
+    if not started_local_cluster():
+        return
     have = ray.cluster_resources()
     workers = max(num_workers, 1)
     if num_workers > 0 and workers * cpus_per_worker > have.get("CPU", 0):
@@ -324,6 +636,61 @@ def _check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> N
         raise ValueError(
             f"train.use_gpu: {workers} GPU worker(s) asked for, the Ray cluster has {have.get('GPU', 0):g} GPUs"
         )
+
+
+def _floats(values: Sequence[Any] | np.ndarray) -> list[float]:
+    return [float(v) for v in values]
+
+
+def result_from_loop(spec: TrainSpec, ret: dict[str, Any], checkpoint_path: str, seconds: float) -> TrainResult:
+    """The :class:`TrainResult` of a :func:`train_loop` return value."""
+    history = ret.get("history", [])
+    best = int(ret.get("best_epoch", len(history) - 1))
+    names = list(spec.class_names)
+    num_classes = len(names)
+    cm = np.asarray(ret.get("val_confusion") or np.zeros((num_classes, num_classes)), dtype=np.int64)
+    m = metrics_from_confusion(cm)
+    best_metrics = history[best] if history else {}
+    val_iou = np.asarray(ret.get("val_iou") or np.zeros((0, num_classes)), dtype=np.float64)
+    val_dice = np.asarray(ret.get("val_dice") or np.zeros((0, num_classes)), dtype=np.float64)
+    val_ids = spec.val_ids if spec.val_ids is not None else spec.val_images
+    per_image = []
+    if len(val_iou):
+        image_miou, image_mdice = image_mean(val_iou), image_mean(val_dice)
+        for i, sample_id in enumerate(val_ids):
+            row: dict[str, Any] = {
+                "sample_id": sample_id,
+                "loss": float(ret["val_loss"][i]),
+                "miou": float(image_miou[i]),
+                "mdice": float(image_mdice[i]),
+            }
+            row.update({f"iou_{n}": float(v) for n, v in zip(names, val_iou[i], strict=True)})
+            row.update({f"dice_{n}": float(v) for n, v in zip(names, val_dice[i], strict=True)})
+            per_image.append(row)
+    return TrainResult(
+        checkpoint_path=checkpoint_path,
+        val_miou=float(best_metrics.get("val_miou", m.miou if history else float("nan"))),
+        val_pixel_accuracy=float(best_metrics.get("val_pixel_accuracy", float("nan"))),
+        val_iou_per_class=[float(best_metrics.get(f"val_iou_{i}", float("nan"))) for i in range(num_classes)],
+        best_epoch=best,
+        history=history,
+        train_seconds=seconds,
+        val_fw_iou=m.fw_iou,
+        val_mean_dice=m.mean_dice,
+        val_image_miou=_finite_mean(image_mean(val_iou)),
+        val_dice_per_class=_floats(m.dice),
+        val_precision_per_class=_floats(m.precision),
+        val_recall_per_class=_floats(m.recall),
+        val_confusion=cm.tolist(),
+        val_per_image=per_image,
+        class_pixel_frequency=_floats(ret.get("class_pixel_frequency", [])),
+        class_weights=ret.get("class_weights"),
+        train_ids=list(spec.train_ids if spec.train_ids is not None else spec.train_images),
+        train_loss=_floats(ret.get("train_loss", [])),
+        train_iou=_floats(ret.get("train_iou", [])),
+        epochs_run=int(ret.get("epochs_run", len(history))),
+        stopped_early=bool(ret.get("stopped_early", False)),
+    )
 
 
 def train(
@@ -376,16 +743,4 @@ def train(
     if not (out / CHECKPOINT_FILE).exists():
         raise RuntimeError(f"training run {name} produced no checkpoint in {out}")
     ret = getattr(result, "return_value", None) or {}
-    history = ret.get("history", [])
-    best = ret.get("best_epoch", len(history) - 1)
-    best_metrics = history[best] if history else {}
-    num_classes = len(spec.class_names)
-    return TrainResult(
-        checkpoint_path=str(out / CHECKPOINT_FILE),
-        val_miou=float(best_metrics.get("val_miou", float("nan"))),
-        val_pixel_accuracy=float(best_metrics.get("val_pixel_accuracy", float("nan"))),
-        val_iou_per_class=[float(best_metrics.get(f"val_iou_{i}", float("nan"))) for i in range(num_classes)],
-        best_epoch=int(best),
-        history=history,
-        train_seconds=seconds,
-    )
+    return result_from_loop(spec, ret, str(out / CHECKPOINT_FILE), seconds)

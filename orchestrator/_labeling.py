@@ -1,0 +1,263 @@
+"""People in the loop: export label tasks, validate and import the masks annotators return.
+
+A task folder (``<workdir>/rounds/round-NNN/tasks``) holds ``manifest.json``, the selected images
+and, when available, pre-annotation PNGs. Annotators answer with either a folder of class-id PNGs
+named like the task images (``<source>/masks/<name>.png`` or ``<source>/<name>.png``) or a Label
+Studio JSON export. Every mask is validated before anything is added; a bad file is reported by
+name and nothing is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ._atomic import atomic_write_json
+from ._labelstudio import brush_to_mask, mask_to_brush
+from ._table import IMAGE_PATH, SAMPLE_ID
+
+MANIFEST = "manifest.json"
+_SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def task_name(sample_id: str) -> str:
+    """A file-name-safe, collision-free stem for a sample id."""
+    if _SAFE.match(sample_id) and not sample_id.startswith("."):
+        return sample_id
+    digest = hashlib.sha1(sample_id.encode()).hexdigest()[:10]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', sample_id).lstrip('.')[:40]}-{digest}"
+
+
+@dataclass
+class TaskExport:
+    task_dir: str
+    sample_ids: list[str]
+    files: dict[str, str] = field(default_factory=dict)
+    """sample id -> task file stem."""
+
+
+def export_folder_tasks(
+    table: pd.DataFrame,
+    sample_ids: Sequence[str],
+    task_dir: Path,
+    classes: Any,
+    *,
+    round_index: int,
+    kind: str = "label",
+    preannotations: Mapping[str, np.ndarray] | None = None,
+    label_studio: bool = False,
+    image_root_url: str | None = None,
+) -> TaskExport:
+    """Write a task folder for ``sample_ids``: images, pre-annotations, manifest (and, with
+    ``label_studio``, ``tasks.json`` with brush pre-annotations Label Studio imports)."""
+    rows = table.set_index(SAMPLE_ID).loc[list(sample_ids)]
+    tmp = task_dir.with_name(task_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    (tmp / "masks").mkdir()
+    files: dict[str, str] = {}
+    samples = []
+    ls_tasks = []
+    for sid, row in rows.iterrows():
+        sid = str(sid)
+        name = task_name(sid)
+        src = Path(str(row[IMAGE_PATH]))
+        image_file = f"images/{name}{src.suffix.lower()}"
+        shutil.copyfile(src, tmp / image_file)
+        height, width = _image_hw(src)
+        entry: dict[str, Any] = {"sample_id": sid, "name": name, "image": image_file,
+                                 "height": height, "width": width, "preannotation": None}
+        pre = (preannotations or {}).get(sid)
+        if pre is not None:
+            (tmp / "preannotations").mkdir(exist_ok=True)
+            entry["preannotation"] = f"preannotations/{name}.png"
+            cv2.imwrite(str(tmp / entry["preannotation"]), pre.astype(np.uint8))
+        samples.append(entry)
+        files[sid] = name
+        if label_studio:
+            ls_tasks.append(_label_studio_task(entry, classes, pre, round_index, image_root_url))
+    manifest = {
+        "format": 1, "kind": kind, "round": round_index, "classes": list(classes.names),
+        "ignore_index": classes.ignore_index, "samples": samples,
+        "instructions": "Save one single-channel PNG of class ids per image in masks/, named like the image "
+                        "(<name>.png), same size as the image; unlabeled pixels = ignore_index.",
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
+    if label_studio:
+        atomic_write_json(tmp / "tasks.json", ls_tasks)
+    if task_dir.exists():
+        shutil.rmtree(task_dir)
+    tmp.rename(task_dir)
+    return TaskExport(task_dir=str(task_dir), sample_ids=list(map(str, sample_ids)), files=files)
+
+
+def _image_hw(path: Path) -> tuple[int, int]:
+    from workers import load_image
+
+    image = load_image(str(path))
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def _label_studio_task(entry: dict[str, Any], classes: Any, pre: np.ndarray | None, round_index: int,
+                       image_root_url: str | None) -> dict[str, Any]:
+    image_ref = f"{image_root_url.rstrip('/')}/{entry['image']}" if image_root_url else entry["image"]
+    task: dict[str, Any] = {"data": {"image": image_ref, "sample_id": entry["sample_id"], "name": entry["name"]}}
+    if pre is not None:
+        results = []
+        for class_id in np.unique(pre):
+            if class_id == classes.ignore_index or class_id >= len(classes.names):
+                continue
+            results.append({
+                "from_name": "tag", "to_name": "image", "type": "brushlabels",
+                "original_width": entry["width"], "original_height": entry["height"],
+                "value": {"format": "rle", "rle": mask_to_brush(pre == class_id),
+                          "brushlabels": [classes.names[int(class_id)]]},
+            })
+        task["predictions"] = [{"model_version": f"shoal-round-{round_index}", "result": results}]
+    return task
+
+
+def read_manifest(task_dir: Path) -> dict[str, Any]:
+    path = task_dir / MANIFEST
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no task manifest at {path}") from None
+
+
+# ---------------------------------------------------------------------------- import
+
+
+@dataclass
+class ImportedMask:
+    sample_id: str
+    mask: np.ndarray
+    source: str
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_mask(mask: np.ndarray, source: str, expected_hw: tuple[int, int], classes: Any) -> None:
+    if mask.ndim != 2:
+        raise ValueError(f"{source}: a mask must be single-channel, got shape {mask.shape}")
+    if tuple(mask.shape) != tuple(expected_hw):
+        raise ValueError(f"{source}: size (height, width) {tuple(mask.shape)} does not match its image {tuple(expected_hw)}")
+    values = np.unique(mask)
+    bad = values[(values >= len(classes.names)) & (values != classes.ignore_index)]
+    if bad.size:
+        raise ValueError(
+            f"{source}: invalid class id(s) {', '.join(map(str, bad[:5]))}; valid ids are "
+            f"0..{len(classes.names) - 1} and ignore_index {classes.ignore_index}"
+        )
+
+
+def read_folder_answers(source: Path, manifest: Mapping[str, Any], classes: Any) -> list[ImportedMask]:
+    """Masks in ``source/masks/`` (or ``source/``) named like the manifest's task names."""
+    folder = source / "masks" if (source / "masks").is_dir() else source
+    if not folder.is_dir():
+        raise FileNotFoundError(f"label source {source} is not a folder of masks")
+    by_name = {s["name"]: s for s in manifest["samples"]}
+    found: list[ImportedMask] = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"{path}: label masks must be PNG files")
+        if not _inside(path, source):
+            raise ValueError(f"{path}: resolves outside the label source {source}")
+        entry = by_name.get(path.stem)
+        if entry is None:
+            raise ValueError(f"{path}: '{path.stem}' is not one of the {len(by_name)} samples of this task")
+        mask = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            raise ValueError(f"{path}: cannot decode the mask")
+        if mask.ndim == 3 and mask.shape[2] in (3, 4) and (mask[:, :, :3] == mask[:, :, :1]).all():
+            mask = mask[:, :, 0]
+        _check_mask(mask, str(path), (entry["height"], entry["width"]), classes)
+        found.append(ImportedMask(entry["sample_id"], mask.astype(np.uint8), str(path)))
+    return found
+
+
+def read_label_studio_answers(export: Path, manifest: Mapping[str, Any], classes: Any,
+                              label_map: Mapping[str, int] | None = None) -> list[ImportedMask]:
+    """Masks from a Label Studio JSON export (brush results, the latest annotation of each task).
+
+    ``label_map`` maps Label Studio label names to class ids (default: the class names)."""
+    try:
+        tasks = json.loads(export.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{export}: not valid JSON: {exc}") from None
+    if not isinstance(tasks, list):
+        raise ValueError(f"{export}: a Label Studio export is a JSON list of tasks")
+    names = label_map or {n: i for i, n in enumerate(classes.names)}
+    by_id = {s["sample_id"]: s for s in manifest["samples"]}
+    by_name = {s["name"]: s for s in manifest["samples"]}
+    found: list[ImportedMask] = []
+    for k, task in enumerate(tasks):
+        where = f"{export} task {k}"
+        data = task.get("data", {}) if isinstance(task, dict) else {}
+        entry = by_id.get(data.get("sample_id")) or by_name.get(data.get("name"))
+        if entry is None:
+            image = str(data.get("image", ""))
+            entry = by_name.get(Path(image.split("?")[0]).stem)
+        if entry is None:
+            raise ValueError(f"{where}: sample {data.get('sample_id') or data.get('image')!r} is not in this task's selection")
+        annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+        if not annotations:
+            continue  # not annotated yet: a partial import
+        ann = max(annotations, key=lambda a: (str(a.get("updated_at", "")), a.get("id", 0)))
+        height, width = entry["height"], entry["width"]
+        mask = np.full((height, width), classes.ignore_index, dtype=np.uint8)
+        for result in ann.get("result", []):
+            if result.get("type") != "brushlabels":
+                continue
+            value = result.get("value", {})
+            labels = value.get("brushlabels") or []
+            if len(labels) != 1 or labels[0] not in names:
+                raise ValueError(f"{where}: label {labels!r} is not in the label map ({', '.join(names)})")
+            rh, rw = result.get("original_height", height), result.get("original_width", width)
+            if (rh, rw) != (height, width):
+                raise ValueError(f"{where}: brush size {(rh, rw)} does not match its image {(height, width)}")
+            region = brush_to_mask(value.get("rle", []), height, width)
+            mask[region] = names[labels[0]]
+        _check_mask(mask, where, (height, width), classes)
+        found.append(ImportedMask(entry["sample_id"], mask, where))
+    return found
+
+
+def read_answers(source: Path, manifest: Mapping[str, Any], classes: Any,
+                 label_map: Mapping[str, int] | None = None) -> list[ImportedMask]:
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".json":
+        found = read_label_studio_answers(source, manifest, classes, label_map)
+    elif source.is_dir():
+        found = read_folder_answers(source, manifest, classes)
+    else:
+        raise FileNotFoundError(f"label source {source} is neither a folder of masks nor a Label Studio .json export")
+    seen: set[str] = set()
+    for item in found:
+        if item.sample_id in seen:
+            raise ValueError(f"{item.source}: a second mask for sample {item.sample_id}")
+        seen.add(item.sample_id)
+    return found
+
+
+def mask_digest(mask: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(mask).tobytes() + str(mask.shape).encode()).hexdigest()[:16]

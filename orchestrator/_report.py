@@ -1,0 +1,254 @@
+"""What a round bought, as MLflow sees it: the numbers, tables and figures the track phase logs.
+
+Everything here is computed from files the earlier phases wrote (the round's table revision, the
+selection, the checkpoint) and written under ``<round dir>/report/`` before it is uploaded, so a
+resumed track phase rewrites and re-uploads the same files instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import workers
+from strategies import build_strategy
+
+from ._atomic import atomic_write
+from ._config import Config
+from ._table import IMAGE_PATH, LABELED, MASK_PATH, SAMPLE_ID, SPLIT, TRAIN_SPLIT, WEIGHT
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+LABELED_PIXELS_FILE = "labeled_pixels.parquet"
+MAX_THUMBNAILS = 16
+PIXELS_PREFIX = "pixels_"
+
+
+def dataset_id(cfg: Config) -> str:
+    """A stable name of the experiment's data, the ``shoal.dataset`` tag: runs on the same data
+    (e.g. a random baseline for an entropy run) share it."""
+    d = cfg.data
+    if d.kind == "synthetic":
+        s = d.synthetic
+        return f"synthetic:{s.num_train}+{s.num_val}:{s.height}x{s.width}:seed{s.seed}"
+    assert d.train_dir is not None
+    return f"folder:{Path(d.train_dir).resolve()}"
+
+
+def experiment_tags(cfg: Config) -> dict[str, str]:
+    """Tags of the parent run and of every round's run."""
+    return {
+        workers.TAG_STRATEGY: cfg.loop.strategy,
+        workers.TAG_DATASET: dataset_id(cfg),
+        **workers.source_tags(),
+    }
+
+
+def round_params(cfg: Config, round_index: int, revision: str, parent: str) -> dict[str, Any]:
+    """The round's params: the headline ones first (what a reader compares rounds by), then the
+    whole config under its dotted keys."""
+    return {
+        "strategy": cfg.loop.strategy,
+        "budget": cfg.loop.budget,
+        "model": cfg.model.name,
+        "loss": cfg.train.loss.name,
+        "seed": cfg.experiment.seed,
+        "dataset_revision": revision,
+        "round": round_index,
+        "table_revision": revision,
+        "table_parent_revision": parent,
+        "trained_on_revision": parent,
+        **cfg.flat(),
+    }
+
+
+def dice_per_class(train: Mapping[str, Any], num_classes: int) -> list[float]:
+    """Per-class validation Dice of the round's model: as the training worker reported it, else
+    from its confusion matrix (``2 TP / (2 TP + FP + FN)``, NaN for a class in neither truth nor
+    prediction), else NaN."""
+    dice = train.get("val_dice_per_class") or []
+    if len(dice) == num_classes:
+        return [float(v) for v in dice]
+    cm = np.asarray(train.get("val_confusion") or [], dtype=np.float64)
+    if cm.shape != (num_classes, num_classes):
+        return [float("nan")] * num_classes
+    tp = np.diag(cm)
+    den = cm.sum(0) + cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [float(v) for v in np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), np.nan)]
+
+
+def labeled_pixels(
+    df: pd.DataFrame, classes: Any, round_dir: Path, previous_round_dir: Path | None
+) -> pd.DataFrame:
+    """Pixels of each class in every labeled train sample of ``df`` (a table revision):
+    ``sample_id`` and ``pixels_<class>`` columns, counted at the masks' own resolution.
+
+    Cached in ``round_dir``; masks counted by the previous round are reused, so a round decodes
+    only the masks it added.
+    """
+    cached = round_dir / LABELED_PIXELS_FILE
+    labeled = df.loc[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED], [SAMPLE_ID, MASK_PATH]]
+    columns = [f"{PIXELS_PREFIX}{name}" for name in classes.names]
+    known = pd.DataFrame(columns=[SAMPLE_ID, *columns])
+    for path in (cached, previous_round_dir / LABELED_PIXELS_FILE if previous_round_dir else None):
+        if path is not None and path.exists():
+            found = pd.read_parquet(path)
+            if list(found.columns) == [SAMPLE_ID, *columns]:
+                known = found
+                break
+    known = known[known[SAMPLE_ID].isin(labeled[SAMPLE_ID])]
+    todo = labeled[~labeled[SAMPLE_ID].isin(known[SAMPLE_ID])]
+    counts = workers.count_class_pixels(todo[MASK_PATH].tolist(), classes)
+    new = pd.DataFrame(counts, columns=columns)
+    new.insert(0, SAMPLE_ID, todo[SAMPLE_ID].to_numpy())
+    out = pd.concat([known, new], ignore_index=True) if len(known) else new
+    out = out.sort_values(SAMPLE_ID, ignore_index=True)
+    out[columns] = out[columns].astype("int64")
+    atomic_write(cached, lambda p: out.to_parquet(p, index=False))
+    return out
+
+
+def learning_curve(history: Sequence[Mapping[str, Any]], current: tuple[int, int, float, int]) -> pd.DataFrame:
+    """One row per round so far: ``round``, ``trained_on`` (the labeled count the round's model was
+    trained on, the x of the curve), ``val_miou`` and ``labeled_count`` (after its labeling).
+    ``current`` is (round, trained_on, val_miou, labeled_count) of the round being tracked."""
+    rows = [
+        {"round": int(h["round"]), "trained_on": int(h["trained_on"]), "val_miou": float(h["metrics"]["val_miou"]),
+         "labeled_count": int(h["labeled_count"])}
+        for h in history if int(h["round"]) != current[0]
+    ]
+    rnd, trained_on, miou, labeled_count = current
+    rows.append({"round": rnd, "trained_on": trained_on, "val_miou": miou, "labeled_count": labeled_count})
+    return pd.DataFrame(rows).sort_values("round", ignore_index=True)
+
+
+def selection_with_reasons(
+    selection: pd.DataFrame, strategy: str, candidates: pd.DataFrame, budget: int, rng: np.random.Generator
+) -> pd.DataFrame:
+    """The selection table (rank, sample id, scores) with the strategy's ``priority`` and ``reason``
+    for each pick.
+
+    The select phase writes the scores; the reasons come from running the strategy again on the
+    same candidates with the same generator (strategies are pure, so it picks the same ids). If it
+    does not, the reasons are left empty rather than attached to the wrong samples.
+    """
+    if "reason" in selection.columns:
+        return selection
+    try:
+        picked = build_strategy(strategy).select_with_reasons(candidates, budget, rng)
+    except Exception as exc:  # a report must not fail the round
+        log.warning("could not explain the selection of strategy %s: %s", strategy, exc)
+        return selection.assign(reason="")
+    if picked[SAMPLE_ID].tolist() != selection[SAMPLE_ID].astype(str).tolist():
+        log.warning("strategy %s picked other samples when run again; the selection table has no reasons", strategy)
+        return selection.assign(reason="")
+    extra = picked[[SAMPLE_ID, "priority", "reason"]]
+    return selection.drop(columns=[c for c in ("priority",) if c in selection.columns]).merge(
+        extra, on=SAMPLE_ID, how="left"
+    )
+
+
+@dataclass(frozen=True)
+class RoundArtifacts:
+    """Files of one round's report: uploaded at the run's root or under ``figures/``/``tables/``."""
+
+    root: list[Path]
+    figures: list[Path]
+    tables: list[Path]
+
+
+def write_round_report(
+    out_dir: Path,
+    *,
+    cfg: Config,
+    classes: Any,
+    round_index: int,
+    curve: pd.DataFrame,
+    baseline: tuple[list[float], list[float]] | None,
+    train: Mapping[str, Any],
+    pixels: pd.DataFrame,
+    revision_df: pd.DataFrame,
+    selection: pd.DataFrame,
+) -> RoundArtifacts:
+    """Write the round's figures and tables under ``out_dir``: the learning curve (with the random
+    baseline when there is one), the validation confusion matrix, the labeled set's class
+    distribution, the training weights histogram, thumbnails of the selected images with their
+    predicted masks and labels, and the selection table with scores and reasons."""
+    names = list(classes.names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures: list[Path] = []
+    tables: list[Path] = []
+
+    curves = {cfg.loop.strategy: (curve["trained_on"].tolist(), curve["val_miou"].tolist())}
+    if baseline is not None:
+        curves["random baseline"] = baseline
+    figures.append(workers.plot_learning_curve(
+        out_dir / "learning_curve.png", curves, title=f"{cfg.experiment.name}: val mIoU after round {round_index}"))
+    tables.append(_write_csv(out_dir / "learning_curve.csv", curve))
+
+    confusion = train.get("val_confusion") or []
+    if len(confusion) == len(names):
+        figures.append(workers.plot_confusion_matrix(
+            out_dir / "confusion_matrix.png", confusion, names,
+            title=f"round {round_index}: validation confusion (% of each true class)"))
+
+    columns = [f"{PIXELS_PREFIX}{n}" for n in names]
+    totals = pixels[columns].sum().to_numpy(dtype=np.float64)
+    images = (pixels[columns] > 0).sum().to_numpy(dtype=np.float64)
+    figures.append(workers.plot_class_distribution(
+        out_dir / "class_distribution.png", totals, names, images_per_class=images,
+        title=f"labeled set after round {round_index}: {len(pixels)} images"))
+    share = totals / totals.sum() if totals.sum() > 0 else np.zeros_like(totals)
+    dist = pd.DataFrame({"class": names, "pixels": totals.astype(np.int64), "pixel_share": share,
+                         "images": images.astype(np.int64)})
+    tables.append(_write_csv(out_dir / "class_distribution.csv", dist))
+
+    labeled = revision_df[(revision_df[SPLIT] == TRAIN_SPLIT) & revision_df[LABELED]]
+    figures.append(workers.plot_weights_histogram(out_dir / "weights_histogram.png", labeled[WEIGHT].to_numpy()))
+
+    thumbs = _thumbnails(out_dir / "selected_thumbnails.png", cfg, classes, train, revision_df, selection, round_index)
+    if thumbs is not None:
+        figures.append(thumbs)
+    root = [_write_csv(out_dir / "selection.csv", selection)]
+    return RoundArtifacts(root=root, figures=figures, tables=tables)
+
+
+def _thumbnails(
+    path: Path, cfg: Config, classes: Any, train: Mapping[str, Any], revision_df: pd.DataFrame,
+    selection: pd.DataFrame, round_index: int,
+) -> Path | None:
+    checkpoint = train.get("checkpoint_path")
+    if not checkpoint or not Path(checkpoint).exists() or selection.empty:
+        return None
+    shown = selection.head(MAX_THUMBNAILS)
+    rows = revision_df.set_index(SAMPLE_ID).loc[shown[SAMPLE_ID].astype(str)]
+    size = cfg.data.image_size
+    images, predictions = workers.predict_masks(checkpoint, rows[IMAGE_PATH].tolist(), size)
+    labels = [workers.load_mask(str(p), classes, size=size) if isinstance(p, str) else None for p in rows[MASK_PATH]]
+    reasons = shown["reason"].tolist() if "reason" in shown.columns else [""] * len(shown)
+    captions = [f"{sid}\n{_short(str(r))}" if r else str(sid) for sid, r in zip(shown[SAMPLE_ID], reasons)]
+    more = f" (first {len(shown)} of {len(selection)})" if len(selection) > len(shown) else ""
+    # SAM masks do not exist yet: pass sam_masks= here once SAM-assisted labeling writes them.
+    return workers.plot_thumbnails(
+        path, images, predictions, classes.names, labels=labels, captions=captions,
+        ignore_index=classes.ignore_index,
+        title=f"round {round_index}: selected images{more}, predicted by the round's model",
+    )
+
+
+def _short(text: str, width: int = 34) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> Path:
+    atomic_write(path, lambda p: df.to_csv(p, index=False))
+    return path
+
