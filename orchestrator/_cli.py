@@ -151,6 +151,26 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ._sweep import load_sweep_config, run_sweeps, sweep_dir
+
+    sweep, base = load_sweep_config(args.config, args.set or [])
+    root = Path(args.workdir).resolve() if args.workdir else sweep_dir(sweep)
+    print(f"sweep dir: {root}", flush=True)
+
+    def show(result: object) -> None:
+        from ._sweep import SweepResult
+
+        assert isinstance(result, SweepResult)
+        print(f"{result.kind} sweep: {len(result.trials)} trials, best {result.metric} {result.best_value:.4f} with "
+              + ", ".join(f"{k}={v}" for k, v in result.best_overrides.items()), flush=True)
+        print(f"  best config: {result.best_config_path}  (shoal run --config {result.best_config_path})", flush=True)
+
+    results = run_sweeps(sweep, base, only=args.only, workdir=root, verbose=1 if args.verbose else 0, on_result=show)
+    print(_ui_hint(results[-1].tracking_uri))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Active learning for semantic segmentation on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -183,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--relabel", help="file with one sample_id per line")
     edit.add_argument("--comment", required=True, help="why: kept with the revision")
     edit.set_defaults(func=_cmd_edit)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweeps: training hyperparameters, active-learning settings")
+    sweep.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweep.yaml")
+    sweep.add_argument("--only", action="append", choices=["train", "active_learning"],
+                       help="run only this sweep (repeatable; default: every enabled one)")
+    sweep.add_argument("--workdir", help="the sweep dir (default: the file's workdir, else runs/sweeps/<name>)")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a sweep setting, e.g. train.num_samples=4 or overrides.train.epochs=3")
+    sweep.set_defaults(func=_cmd_sweep)
     return parser
 
 

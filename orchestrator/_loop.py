@@ -688,9 +688,11 @@ class ActiveLearningLoop:
             found = tracker.experiment_runs(
                 {workers.TAG_STRATEGY: "random", workers.TAG_DATASET: tags[workers.TAG_DATASET]},
                 exclude=[state.parent_run_id])
-            baseline = tracker.curve(found[0], "trained_on", "val_miou") if found else None
+            if found:
+                baseline = tracker.curve(found[0], "trained_on", "val_miou")
+                tracker.log(child, tags={"shoal.baseline_run_id": found[0]})
         selection = report.selection_with_reasons(
-            pd.read_csv(info["select"]["selection_file"], dtype={SAMPLE_ID: str}), cfg.loop.strategy,
+            pd.read_csv(info["select"]["selection_file"], dtype={SAMPLE_ID: str}), self._strategy(),
             self._candidates(state), len(info["select"]["selected"]),
             np.random.default_rng([cfg.experiment.seed, state.round, 1]))  # the select phase's generator
         artifacts = report.write_round_report(
@@ -736,7 +738,8 @@ class ActiveLearningLoop:
             "val_image_miou": float(train.get("val_image_miou", nan)),
             "trained_on": float(train["trained_on"]),
             "labeled_count": float(labeled_after),
-            "added": float(len(info["select"]["selected"])),
+            "selected": float(len(info["select"]["selected"])),
+            "added": float(len(info["label"].get("added", info["select"]["selected"]))),
             "train_seconds": info["train"]["seconds"],
             "score_seconds": info["score"]["seconds"],
             "select_seconds": info["select"]["seconds"],

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 import workers
-from strategies import build_strategy
 
 from ._atomic import atomic_write
 from ._config import Config
@@ -131,24 +130,26 @@ def learning_curve(history: Sequence[Mapping[str, Any]], current: tuple[int, int
 
 
 def selection_with_reasons(
-    selection: pd.DataFrame, strategy: str, candidates: pd.DataFrame, budget: int, rng: np.random.Generator
+    selection: pd.DataFrame, strategy: Any, candidates: pd.DataFrame, budget: int, rng: np.random.Generator
 ) -> pd.DataFrame:
     """The selection table (rank, sample id, scores) with the strategy's ``priority`` and ``reason``
     for each pick.
 
-    The select phase writes the scores; the reasons come from running the strategy again on the
-    same candidates with the same generator (strategies are pure, so it picks the same ids). If it
-    does not, the reasons are left empty rather than attached to the wrong samples.
+    The select phase writes the scores; the reasons come from running ``strategy`` (the instance
+    the select phase used) again on the same candidates with the same generator: strategies are
+    pure, so it picks the same ids. If it does not, the reasons are left empty rather than attached
+    to the wrong samples.
     """
     if "reason" in selection.columns:
         return selection
     try:
-        picked = build_strategy(strategy).select_with_reasons(candidates, budget, rng)
+        picked = strategy.select_with_reasons(candidates, budget, rng)
     except Exception as exc:  # a report must not fail the round
-        log.warning("could not explain the selection of strategy %s: %s", strategy, exc)
+        log.warning("could not explain the selection of strategy %s: %s", strategy.name, exc)
         return selection.assign(reason="")
     if picked[SAMPLE_ID].tolist() != selection[SAMPLE_ID].astype(str).tolist():
-        log.warning("strategy %s picked other samples when run again; the selection table has no reasons", strategy)
+        log.warning("strategy %s picked other samples when run again; the selection table has no reasons",
+                    strategy.name)
         return selection.assign(reason="")
     extra = picked[[SAMPLE_ID, "priority", "reason"]]
     return selection.drop(columns=[c for c in ("priority",) if c in selection.columns]).merge(
@@ -198,7 +199,7 @@ def write_round_report(
     if len(confusion) == len(names):
         figures.append(workers.plot_confusion_matrix(
             out_dir / "confusion_matrix.png", confusion, names,
-            title=f"round {round_index}: validation confusion (% of each true class)"))
+            title=f"round {round_index}: val confusion (% of true class)"))
 
     columns = [f"{PIXELS_PREFIX}{n}" for n in names]
     totals = pixels[columns].sum().to_numpy(dtype=np.float64)

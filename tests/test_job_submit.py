@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -32,14 +34,18 @@ def head(tmp_path: Path):
     """A Ray head node on 127.0.0.1 in its own process group, killed as a group afterwards."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.fail(f"the ray CLI is not installed next to {sys.executable}")
-    gcs_port, dash_port = free_port(), free_port()
+    # every listening port chosen free, so a cluster already on this machine cannot collide
+    gcs_port, dash_port, client, agent, agent_grpc, env_agent, metrics = (free_port() for _ in range(7))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "head.log").open("w")
+    # Ray's Unix socket paths live under --temp-dir and must stay under ~107 bytes: keep it short
+    ray_tmp = tempfile.mkdtemp(prefix="shoal-ray-", dir="/tmp")
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=2",
-         f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{dash_port}"
     deadline = time.monotonic() + 90
@@ -48,7 +54,7 @@ def head(tmp_path: Path):
             with urllib.request.urlopen(f"{address}/api/version", timeout=2):
                 break
         except OSError:
-            assert proc.poll() is None, "ray start --head exited"
+            assert proc.poll() is None, f"ray start --head exited: {(tmp_path / 'head.log').read_text()[-1500:]}"
             assert time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
     try:
@@ -56,10 +62,13 @@ def head(tmp_path: Path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still alive
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_loop(head, tmp_path: Path) -> None:

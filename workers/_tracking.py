@@ -25,6 +25,9 @@ TAG_DATASET = "shoal.dataset"
 TAG_GIT_COMMIT = "shoal.git_commit"
 TAG_VERSION = "shoal.version"
 TAG_MODEL_LOGGED = "shoal.model_uri"
+# The MLflow 3 UI opens an experiment of this kind on its runs table (otherwise on GenAI traces).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 MODEL_PIP_REQUIREMENTS = ("torch", "numpy")
 """What a logged model needs to load back (torch.export programs need only torch); naming them
 skips MLflow's requirement inference, which takes ~10 s."""
@@ -77,9 +80,17 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment_name)
         if exp is None:
-            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifact_location)
-        else:
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    experiment_name, artifact_location=artifact_location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            except Exception:  # created meanwhile by another process (e.g. a Ray worker)
+                exp = self.client.get_experiment_by_name(experiment_name)
+                if exp is None:
+                    raise
+        if exp is not None:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND not in exp.tags:
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         self.experiment_name = experiment_name
 
     def _find(self, tags: Mapping[str, str]) -> str | None:

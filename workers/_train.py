@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ._augment import IMAGENET_MEAN as _MEAN
 from ._augment import IMAGENET_STD as _STD
 from ._augment import Augmenter, AugmentSpec, normalize
-from ._data import ClassInfo, load_image, load_mask
+from ._data import ClassInfo, image_hw, load_image, load_mask
 from ._losses import (
     LossSpec,
     SegmentationLoss,
@@ -97,8 +97,8 @@ def load_pair(
 
     Returns (uint8 [H, W, 3], int64 [H, W] class ids with ``classes.ignore_index`` kept).
     """
-    original = load_image(image_path)
-    mask = load_mask(mask_path, classes, size=size, expected_hw=original.shape[:2])
+    # image_hw reads a PNG's size from its header: the image is decoded once, not twice.
+    mask = load_mask(mask_path, classes, size=size, expected_hw=image_hw(image_path))
     return load_image(image_path, size=size), mask
 
 
