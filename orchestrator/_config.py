@@ -155,6 +155,17 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class ReviewConfig:
+    enabled: bool = True
+    """Score labeled and validation images too, in the same Ray Data pass as the pool: label-issue
+    scores, image quality (brightness, contrast, sharpness) and objects per class, and a per-round
+    report of which of them relate to per-image validation IoU."""
+    relabel_top_k: int = 0
+    """After each round's scoring, send the k labeled samples with the highest label-issue score
+    back to the oracle for relabeling (0 = off)."""
+
+
+@dataclass(frozen=True)
 class OracleConfig:
     kind: Literal["simulated", "folder", "label-studio"] = "simulated"
     """``simulated`` reveals ground truth at once; ``folder`` and ``label-studio`` export a task
@@ -194,6 +205,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -210,11 +210,7 @@ class ActiveLearningLoop:
 
     def _round_table(self, state: State) -> pd.DataFrame:
         """The parent revision with this round's scores and training signals merged in."""
-        df = self.store.read(state.revision)
-        candidates = self._candidates(state)
-        score_cols = [c for c in candidates.columns if c != SAMPLE_ID]
-        df = df.drop(columns=[c for c in score_cols if c in df.columns]).merge(candidates, on=SAMPLE_ID, how="left")
-        return self._with_train_signals(df, state)
+        return self._with_train_signals(self._with_scores(self.store.read(state.revision), state), state)
 
     def _preannotations(self, state: State, ids: list[str]) -> dict[str, np.ndarray]:
         """The round model's predicted class-id masks for ``ids``, at each image's own size."""
@@ -278,7 +274,7 @@ class ActiveLearningLoop:
         classes = self._classes()
         answers = read_answers(Path(source), manifest, classes, self.config.oracle.label_map)
         base = self._current_revision(state)
-        df = self.store.read(base) if (relabel or (request and request["revision"])) else self._round_table(state)
+        df = self._round_table(state) if (request is not None and not request["revision"]) else self.store.read(base)
         received = request["received"] if (request is not None and not relabel) else {}
         if relabel:
             flagged = set(df.loc[df.get("needs_relabel", pd.Series(False, index=df.index)).fillna(False).astype(bool), SAMPLE_ID])
@@ -579,16 +575,30 @@ class ActiveLearningLoop:
         return strategy
 
     def _phase_score(self, state: State) -> dict[str, Any]:
+        """One Ray Data pass over the pool (uncertainty) and, with ``review.enabled``, over the
+        labeled and validation images too (label review, quality and object columns)."""
         cfg = self.config
         needs = self._strategy().requirements()
-        if not (needs.columns or needs.column_prefixes):
+        review = cfg.review.enabled
+        if not (needs.columns or needs.column_prefixes or review):
             return {"scores_dir": None, "num_scored": 0, "seconds": 0.0}
         self._ray()
         df = self.store.read(state.revision)
-        pool = df.loc[(df[SPLIT] == TRAIN_SPLIT) & ~df[LABELED], [SAMPLE_ID, IMAGE_PATH]]
+        is_pool = (df[SPLIT] == TRAIN_SPLIT) & ~df[LABELED]
+        rows = df if review else df[is_pool]
+        quality = workers.QUALITY_COLUMNS
+        batch = pd.DataFrame({
+            SAMPLE_ID: rows[SAMPLE_ID],
+            IMAGE_PATH: rows[IMAGE_PATH],
+            # labeled and validation masks are reviewed; the pool's hidden masks are never read
+            MASK_PATH: np.where(is_pool[rows.index], "", rows[MASK_PATH].fillna("").astype(str)),
+            # quality columns describe the image alone: computed once, kept in later revisions
+            "need_quality": (rows[quality[0]].isna() if quality[0] in rows else True),
+        })
         round_dir = self._round_dir(state)
         pool_file = round_dir / "pool.parquet"
-        atomic_write(pool_file, lambda p: pool.to_parquet(p, index=False))
+        atomic_write(pool_file, lambda p: batch.to_parquet(p, index=False))
+        classes = self._classes()
         result = workers.score_pool(
             str(pool_file),
             state.round_info["train"]["checkpoint_path"],
@@ -598,20 +608,84 @@ class ActiveLearningLoop:
             batch_size=cfg.score.batch_size,
             cpus_per_actor=cfg.score.cpus_per_actor,
             gpus_per_actor=cfg.score.gpus_per_actor,
+            class_names=tuple(classes.names),
+            ignore_index=classes.ignore_index,
         )
-        if result.num_scored != len(pool):
-            raise RuntimeError(f"scoring returned {result.num_scored} rows for a pool of {len(pool)}")
-        return asdict(result)
+        if result.num_scored != len(batch):
+            raise RuntimeError(f"scoring returned {result.num_scored} rows for {len(batch)} images")
+        info = asdict(result)
+        if review:
+            info["quality_report"] = self._quality_report(state, Path(result.scores_dir), df)
+            info["relabel_queue"] = self._relabel_queue(state, Path(result.scores_dir), df)
+        return info
+
+    def _relabel_queue(self, state: State, scores_dir: Path, df: pd.DataFrame) -> list[str]:
+        """The ``review.relabel_top_k`` labeled samples most likely mislabeled, highest first; a task
+        folder for people when the oracle is interactive."""
+        k = self.config.review.relabel_top_k
+        if k <= 0:
+            return []
+        scores = workers.read_scores(str(scores_dir))
+        labeled = set(df.loc[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED], SAMPLE_ID])
+        ranked = scores[scores[SAMPLE_ID].isin(labeled)].sort_values(
+            [workers.LABEL_ISSUE, SAMPLE_ID], ascending=[False, True], na_position="last")
+        queue = ranked.head(k)
+        path = self._round_dir(state) / "relabel_queue.csv"
+        atomic_write(path, lambda p: queue[[SAMPLE_ID, workers.LABEL_ISSUE, "label_self_confidence"]].to_csv(p, index=False))
+        ids = [str(i) for i in queue[SAMPLE_ID]]
+        if ids and build_oracle(self.config.oracle.kind).interactive:
+            export_folder_tasks(df, ids, self._round_dir(state) / "relabel", self._classes(), round_index=state.round,
+                                kind="relabel", label_studio=self.config.oracle.kind == "label-studio",
+                                image_root_url=self.config.oracle.image_root_url)
+        return ids
+
+    def _quality_report(self, state: State, scores_dir: Path, df: pd.DataFrame) -> str | None:
+        """Which image properties relate to the model's per-image validation IoU (JSON in the round dir)."""
+        per_image = state.round_info["train"].get("val_per_image_file")
+        if not per_image or not Path(per_image).exists():
+            return None
+        iou = pd.read_parquet(per_image, columns=[SAMPLE_ID, "miou"])
+        scores = workers.read_scores(str(scores_dir))
+        merged = iou.merge(scores, on=SAMPLE_ID, how="inner")
+        known = df.set_index(SAMPLE_ID)
+        for col in workers.QUALITY_COLUMNS:  # computed in an earlier round: taken from the table
+            if col in known.columns:
+                merged[col] = merged[col].fillna(merged[SAMPLE_ID].map(known[col]))
+        names = [*workers.QUALITY_COLUMNS, *(c for c in merged.columns if c.startswith(("label_objects_", "label_area_")))]
+        report = workers.relate_to_iou({c: merged[c].to_numpy() for c in names if c in merged}, merged["miou"].to_numpy())
+        ranked = dict(sorted(report.items(), key=lambda kv: -abs(kv[1]["mutual_information"])))
+        path = self._round_dir(state) / "quality_vs_iou.json"
+        atomic_write_json(path, {"round": state.round, "images": int(len(merged)), "columns": ranked})
+        return str(path)
+
+    def _scores(self, state: State) -> pd.DataFrame | None:
+        scores_dir = state.round_info["score"]["scores_dir"]
+        return None if scores_dir is None else workers.read_scores(scores_dir)
+
+    def _with_scores(self, df: pd.DataFrame, state: State) -> pd.DataFrame:
+        """``df`` with this round's score columns; quality columns not recomputed keep their values."""
+        scores = self._scores(state)
+        if scores is None:
+            return df
+        cols = [c for c in scores.columns if c != SAMPLE_ID]
+        previous = df.set_index(SAMPLE_ID)[[c for c in workers.QUALITY_COLUMNS if c in df.columns]]
+        df = df.drop(columns=[c for c in cols if c in df.columns]).merge(scores, on=SAMPLE_ID, how="left", validate="one_to_one")
+        for col in previous.columns:
+            df[col] = df[col].fillna(df[SAMPLE_ID].map(previous[col]))
+        queue = state.round_info["score"].get("relabel_queue") or []
+        if queue:
+            if "needs_relabel" not in df.columns:
+                df["needs_relabel"] = False
+            df["needs_relabel"] = df["needs_relabel"].fillna(False).astype(bool) | df[SAMPLE_ID].isin(queue)
+        return df
 
     def _candidates(self, state: State) -> pd.DataFrame:
         df = self.store.read(state.revision)
         pool = df.loc[(df[SPLIT] == TRAIN_SPLIT) & ~df[LABELED], [SAMPLE_ID]]
-        scores_dir = state.round_info["score"]["scores_dir"]
-        if scores_dir is None:
+        scores = self._scores(state)
+        if scores is None:
             return pool
-        scores = workers.read_scores(scores_dir)
-        merged = pool.merge(scores, on=SAMPLE_ID, how="left", validate="one_to_one")
-        return merged
+        return pool.merge(scores, on=SAMPLE_ID, how="left", validate="one_to_one")
 
     def _phase_select(self, state: State) -> dict[str, Any]:
         cfg = self.config
@@ -642,11 +716,7 @@ class ActiveLearningLoop:
         df = self.store.read(parent)
         oracle = build_oracle(cfg.oracle.kind)
         masks = oracle.label(df, selected)
-        candidates = self._candidates(state)
-        score_cols = [c for c in candidates.columns if c != SAMPLE_ID]
-        df = df.drop(columns=[c for c in score_cols if c in df.columns])
-        df = df.merge(candidates, on=SAMPLE_ID, how="left")
-        df = self._with_train_signals(df, state)
+        df = self._with_train_signals(self._with_scores(df, state), state)
         idx = df[SAMPLE_ID].isin(selected)
         df.loc[idx, LABELED] = True
         df.loc[idx, ROUND_LABELED] = state.round

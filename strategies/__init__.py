@@ -28,6 +28,7 @@ from ._reweight import (
     reweighting_names,
     reweighting_options,
 )
+from ._sam import SamDisagreementStrategy
 from ._stopping import (
     Criterion,
     StopDecision,
@@ -62,6 +63,7 @@ __all__ = [
     "RandomStrategy",
     "Ranking",
     "Requirements",
+    "SamDisagreementStrategy",
     "ScoreStrategy",
     "SoftmaxSamplingStrategy",
     "StopDecision",

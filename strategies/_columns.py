@@ -88,3 +88,40 @@ def label_fraction_column(class_id: int) -> str:
 def feature_column(name: str) -> str:
     """The column holding the cheap image feature ``name``."""
     return f"{FEATURE_PREFIX}{name}"
+
+
+# SAM agreement: written by the SAM pass of the pool scorer when a strategy reads one of them.
+SAM_DISAGREEMENT = "sam_disagreement"
+"""1 - IoU between a predicted component (a connected region of one class) and the mask SAM draws
+from that component's box and point prompts, in [0, 1] (higher = the model's outline is less
+trustworthy)."""
+SAM_AGGREGATIONS: tuple[str, ...] = (MEAN, "max")
+"""How the components of one image become one number: area-weighted ``mean``, or the worst (``max``)."""
+
+
+def sam_disagreement_column(aggregation: str = MEAN) -> str:
+    """The column holding SAM disagreement aggregated over an image's components by ``aggregation``."""
+    if aggregation not in SAM_AGGREGATIONS:
+        raise ValueError(f"unknown SAM aggregation '{aggregation}'; valid: {', '.join(SAM_AGGREGATIONS)}")
+    return f"{SAM_DISAGREEMENT}_{aggregation}"
+
+
+SAM_DISAGREEMENT_MEAN = sam_disagreement_column(MEAN)
+"""Area-weighted mean of ``1 - IoU`` over the image's prompted components; NaN when none was prompted."""
+SAM_DISAGREEMENT_MAX = sam_disagreement_column("max")
+"""The worst component's ``1 - IoU``; NaN when none was prompted."""
+SAM_COMPONENTS = "sam_components"
+"""Number of predicted components SAM was prompted with (components of at least the minimum area)."""
+SAM_EMBEDDING_CACHED = "sam_embedding_cached"
+"""1.0 when the image's SAM embedding came from the cache, 0.0 when the image encoder ran."""
+SAM_CLASS_PREFIX = "sam_disagreement_class_"
+"""Prefix of the per-class breakdown: ``sam_disagreement_class_<class id>``, the area-weighted mean
+``1 - IoU`` over that class's components (NaN when the image has none)."""
+SAM_COLUMNS: frozenset[str] = frozenset({SAM_DISAGREEMENT_MEAN, SAM_DISAGREEMENT_MAX, SAM_COMPONENTS, SAM_EMBEDDING_CACHED})
+"""The fixed-name columns of the SAM pass; a strategy declaring any of them (or the class prefix)
+makes the loop run SAM over the pool."""
+
+
+def sam_class_column(class_id: int) -> str:
+    """The column holding the SAM disagreement of ``class_id``'s components."""
+    return f"{SAM_CLASS_PREFIX}{class_id}"

@@ -37,7 +37,7 @@ def snapshot(workdir: Path) -> tuple[list[str], str]:
 
 @pytest.fixture(scope="module")
 def paused(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> ActiveLearningLoop:
-    cfg = config_from_dict(tiny_config(oracle={"kind": "folder"}, loop={"rounds": 2}))
+    cfg = config_from_dict(tiny_config(oracle={"kind": "folder"}, loop={"rounds": 2}, review={"relabel_top_k": 2}))
     loop = ActiveLearningLoop(cfg, tmp_path_factory.mktemp("people") / "work")
     assert loop.step() is None  # round 1 trains, scores, selects, exports, then waits
     return loop
@@ -53,6 +53,12 @@ def test_round_pauses_with_a_task_folder(paused: ActiveLearningLoop) -> None:
         assert (task / s["image"]).is_file()
         pre = cv2.imread(str(task / s["preannotation"]), cv2.IMREAD_UNCHANGED)
         assert pre.shape == (s["height"], s["width"]) and pre.max() < 5
+    # the review's relabel queue goes out through the same oracle mechanism
+    queue = (paused.workdir / "rounds/round-001/relabel_queue.csv").read_text().splitlines()
+    relabel = json.loads((paused.workdir / "rounds/round-001/relabel/manifest.json").read_text())
+    assert relabel["kind"] == "relabel" and len(relabel["samples"]) == 2 == len(queue) - 1
+    issues = [float(line.split(",")[1]) for line in queue[1:]]
+    assert issues == sorted(issues, reverse=True)
     status = paused.status()["awaiting_labels"]
     assert status["requested"] == 6 and status["received"] == 0 and len(status["missing"]) == 6
     assert paused.step() is None  # nothing imported yet: still waiting

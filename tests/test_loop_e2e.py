@@ -59,8 +59,11 @@ def test_selection_follows_the_strategy(finished) -> None:
     sel = pd.read_csv(loop.workdir / "rounds/round-002/selection.csv")
     assert sel.sample_id.tolist() == results[1].added
     scores = pd.read_parquet(loop.workdir / "rounds/round-002/scores")
-    assert len(scores) == 36 - 14  # every pool sample scored exactly once
-    assert scores.sample_id.is_unique
+    assert len(scores) == 36 + 8 and scores.sample_id.is_unique  # every image scored exactly once
+    before = TableStore(loop.workdir / "table").read(results[0].revision)
+    pool = set(before.loc[(before.split == "train") & ~before.labeled, "sample_id"])
+    assert len(pool) == 36 - 14
+    scores = scores[scores.sample_id.isin(pool)]
     top = scores.sort_values(["entropy_mean", "sample_id"], ascending=[False, True]).sample_id[:6]
     assert set(top) == set(results[1].added)
     fractions = scores.filter(like="pred_frac_").sum(axis=1)
@@ -109,3 +112,18 @@ def test_rerunning_with_another_config_is_refused(finished) -> None:
     other = config_from_dict(tiny_config(loop={"budget": 5}))
     with pytest.raises(ValueError, match="different config"):
         ActiveLearningLoop(other, loop.workdir)
+
+
+def test_review_columns_and_quality_report(finished) -> None:
+    import json
+
+    loop, results = finished
+    final = TableStore(loop.workdir / "table").read(results[-1].revision)
+    for col in ("quality_brightness", "quality_contrast", "quality_sharpness"):
+        assert final[col].notna().all(), col  # every image, train and val, computed once
+    round2_labeled = final[final.labeled & (final.round_labeled < 2)]
+    assert round2_labeled["label_issue"].between(0, 1).all()
+    assert final.loc[~final.labeled & (final.split == "train"), "label_issue"].isna().all()  # hidden masks never read
+    report = json.loads((loop.workdir / "rounds/round-002/quality_vs_iou.json").read_text())
+    assert report["images"] == 8
+    assert {"quality_brightness", "quality_sharpness"} <= set(report["columns"])

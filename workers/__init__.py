@@ -1,4 +1,4 @@
-"""Workers: data, models, training (Ray Train), pool scoring (Ray Data) and tracking (MLflow).
+"""Workers: data, models, training (Ray Train), pool scoring (Ray Data), SAM and tracking (MLflow).
 
 Heavy dependencies (torch, Ray, MLflow) are imported when a name that needs them is first used, so
 ``import workers`` stays cheap for the CLI and the strategies.
@@ -42,6 +42,10 @@ _EXPORTS = {
     "score_pool": "_score",
     "read_scores": "_score",
     "ensure_ray": "_ray",
+    "relate_to_iou": "_review",
+    "label_issue_columns": "_review",
+    "LABEL_ISSUE": "_review",
+    "QUALITY_COLUMNS": "_review",
     "Tracker": "_tracking",
     "default_tracking_uri": "_tracking",
     "source_tags": "_tracking",
@@ -56,6 +60,33 @@ _EXPORTS = {
     "plot_thumbnails": "_figures",
     "plot_weights_histogram": "_figures",
     "predict_masks": "_figures",
+    # SAM: prompts, embedding cache, model and engine, the extended scoring pass
+    "ImagePrompts": "_prompts",
+    "PromptSpec": "_prompts",
+    "agreement_columns": "_prompts",
+    "component_iou": "_prompts",
+    "jitter_prompts": "_prompts",
+    "prompts_from_mask": "_prompts",
+    "EmbeddingCache": "_sam_cache",
+    "SamEmbedding": "_sam_cache",
+    "SamEngine": "_sam",
+    "SamFinetuneSpec": "_sam",
+    "SamSpec": "_sam",
+    "build_sam": "_sam",
+    "finetune_decoder": "_sam",
+    "load_decoder": "_sam",
+    "new_sam": "_sam",
+    "register_sam_model": "_sam",
+    "sam_checkpoint_id": "_sam",
+    "sam_model_types": "_sam",
+    "PassResult": "_score_pass",
+    "PassScorer": "_score_pass",
+    "PassSpec": "_score_pass",
+    "SamPreannotator": "_score_pass",
+    "finetune_sam_decoder": "_score_pass",
+    "read_embeddings": "_score_pass",
+    "sam_preannotate": "_score_pass",
+    "score_pool_pass": "_score_pass",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,8 +19,16 @@ import torch
 
 from strategies import columns as col
 
-from ._data import load_image
+from ._data import ClassInfo, load_image, load_mask
 from ._models import load_checkpoint
+from ._review import (
+    LABEL_ISSUE,
+    LABEL_SELF_CONFIDENCE,
+    QUALITY_COLUMNS,
+    label_issue_columns,
+    object_columns,
+    quality_columns,
+)
 from ._train import to_tensor
 
 log = logging.getLogger(__name__)
@@ -66,19 +74,57 @@ SCORED_COLUMNS = frozenset({
 
 
 class PoolScorer:
-    """Ray Data callable class: ``{sample_id, image_path}`` batch -> per-image score columns."""
+    """Ray Data callable class: a batch of ``{sample_id, image_path}`` rows -> per-image columns.
 
-    def __init__(self, checkpoint_path: str, image_size: tuple[int, int], use_gpu: bool = False) -> None:
+    Optional batch columns: ``mask_path`` (non-empty for labeled images: adds label-review and
+    label-object columns) and ``need_quality`` (False: the image's quality columns are already
+    known, NaN is returned for them). Every row gets uncertainty columns, predicted class
+    fractions and predicted objects per class; missing values are NaN so batches share a schema.
+    """
+
+    def __init__(
+        self,
+        checkpoint_path: str,
+        image_size: tuple[int, int],
+        use_gpu: bool = False,
+        class_names: tuple[str, ...] | None = None,
+        ignore_index: int = 255,
+    ) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_checkpoint(checkpoint_path).to(self.device).eval()
-        self.image_size = tuple(image_size)
+        self.image_size: tuple[int, int] = (int(image_size[0]), int(image_size[1]))
+        self.classes = ClassInfo(names=tuple(class_names), ignore_index=ignore_index) if class_names else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = [load_image(str(p), size=self.image_size) for p in batch["image_path"]]  # type: ignore[arg-type]
         x = torch.stack([to_tensor(im) for im in images]).to(self.device)
         with torch.no_grad():
             probs = torch.softmax(self.model(x).float(), dim=1).cpu()
-        return {"sample_id": np.asarray(batch["sample_id"]), **uncertainty_columns(probs)}
+        out: dict[str, Any] = {"sample_id": np.asarray(batch["sample_id"]), **uncertainty_columns(probs)}
+        if self.classes is None:
+            return out
+        n, c = len(images), probs.shape[1]
+        masks = batch.get("mask_path", np.array([""] * n, dtype=object))
+        need_quality = batch.get("need_quality", np.ones(n, dtype=bool))
+        rows: list[dict[str, float]] = []
+        preds = probs.argmax(1).numpy()
+        for i in range(n):
+            row: dict[str, float] = dict.fromkeys(QUALITY_COLUMNS, float("nan"))
+            if bool(need_quality[i]):
+                row.update(quality_columns(images[i]))
+            row.update(object_columns(preds[i], c, self.classes.ignore_index, "pred"))
+            path = masks[i]
+            if isinstance(path, str) and path:
+                label = load_mask(path, self.classes, size=self.image_size)
+                row.update(label_issue_columns(probs[i], label, self.classes.ignore_index))
+                row.update(object_columns(label, c, self.classes.ignore_index, "label"))
+            else:
+                row.update({LABEL_ISSUE: float("nan"), LABEL_SELF_CONFIDENCE: float("nan")})
+                row.update(dict.fromkeys(object_columns(preds[i], c, self.classes.ignore_index, "label"), float("nan")))
+            rows.append(row)
+        for key in rows[0]:
+            out[key] = np.array([r[key] for r in rows], dtype=np.float64)
+        return out
 
 
 @dataclass(frozen=True)
@@ -98,6 +144,8 @@ def score_pool(
     batch_size: int = 16,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
+    class_names: tuple[str, ...] | None = None,
+    ignore_index: int = 255,
 ) -> ScoreResult:
     """Score every row of ``pool_parquet`` (columns ``sample_id``, ``image_path``) with the model in
     ``checkpoint_path``; write the per-image columns as Parquet files under ``out_dir`` (replaced)."""
@@ -108,13 +156,16 @@ def score_pool(
     if out.exists():  # left by an interrupted attempt: its files would be read twice
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(pool_parquet, columns=["sample_id", "image_path"])
+    columns = [c for c in pq.read_schema(pool_parquet).names if c in ("sample_id", "image_path", "mask_path", "need_quality")]
+    ds = ray.data.read_parquet(pool_parquet, columns=columns)
     scored = ds.map_batches(
         PoolScorer,
         fn_constructor_kwargs={
             "checkpoint_path": checkpoint_path,
             "image_size": tuple(image_size),
             "use_gpu": gpus_per_actor > 0,
+            "class_names": tuple(class_names) if class_names else None,
+            "ignore_index": ignore_index,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size,
