@@ -197,6 +197,98 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class SamPromptConfig:
+    """How SAM is prompted from a predicted mask: one prompt per connected component of a class."""
+
+    min_area_px: int = 16
+    """Components smaller than this many pixels (at data.image_size) get no prompt."""
+    positive_points: int = 1
+    """Points inside each component, at the maxima of its (eroded) distance transform; 0 = box only."""
+    negative_points: int = 0
+    """Points inside the component's box but outside it, farthest from it first."""
+    erosion_px: int = 2
+    """Erosion radius applied before placing positive points, away from the component's rim."""
+    skip_classes: Any = ()
+    """Class ids never prompted, e.g. ``[0]`` for a background class."""
+
+    def __post_init__(self) -> None:
+        for key in ("min_area_px", "positive_points", "negative_points", "erosion_px"):
+            low = 1 if key == "min_area_px" else 0
+            if getattr(self, key) < low:
+                raise ValueError(f"sam.prompts.{key}: must be >= {low}, got {getattr(self, key)}")
+        skip = self.skip_classes
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in skip):
+            raise ValueError(f"sam.prompts.skip_classes: expected a list of class ids, got {skip!r}")
+        object.__setattr__(self, "skip_classes", tuple(skip))
+
+
+@dataclass(frozen=True)
+class SamFinetuneConfig:
+    """Per-round fine-tuning of SAM's mask decoder on the labeled masks (encoders frozen, cached
+    embeddings, box and point prompts with jitter). The tuned decoder is used for agreement and
+    pre-annotations; its held-out mask IoU is recorded with the round's score phase."""
+
+    enabled: bool = False
+    steps: int = 200
+    """Optimiser steps (one image's prompts per step)."""
+    lr: float = 1e-4
+    prompts_per_step: int = 16
+    box_jitter: float = 0.1
+    """Standard deviation of each box side's shift, as a fraction of the box's size."""
+    holdout_fraction: float = 0.2
+    """Share of the labeled images held out to measure mask IoU (at least one)."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "prompts_per_step", "lr"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"sam.finetune.{key}: must be positive, got {getattr(self, key)}")
+        if self.box_jitter < 0:
+            raise ValueError(f"sam.finetune.box_jitter: must not be negative, got {self.box_jitter}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"sam.finetune.holdout_fraction: must be in (0, 1), got {self.holdout_fraction}")
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Segment Anything: pool scoring by SAM agreement, pre-annotations, an embedding cache.
+
+    A strategy that reads SAM columns (``sam_disagreement``, or a ``fusion`` with it) makes the
+    score phase run SAM over the pool; that needs ``enabled``. Actors use the ``score`` section's
+    resources (``score.gpus_per_actor``, fractions allowed; 0 = CPU).
+    """
+
+    enabled: bool = False
+    """Use SAM: required by SAM strategies; with an interactive oracle and ``oracle.preannotate``,
+    pre-annotations are SAM-refined masks with the model's class per region."""
+    model_type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
+    """The architecture of ``checkpoint`` (``tiny``: a toy SAM for tests and benchmarks)."""
+    checkpoint: str | None = None
+    """Path to the official weights (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth),
+    readable by every Ray node; loaded with ``torch.load(weights_only=True)``."""
+    cache_uri: str | None = None
+    """Where image embeddings are kept across rounds, keyed by image content and checkpoint: a
+    directory or a pyarrow filesystem URI (``s3://...``); null = ``<workdir>/sam_cache``."""
+    multimask_output: bool = False
+    """Ask for three masks per prompt and keep the one SAM rates best."""
+    embed_batch_size: int = 4
+    """Images per image-encoder forward pass."""
+    prompt_batch_size: int = 64
+    """Prompts per mask-decoder call (memory grows with it)."""
+    prompts: SamPromptConfig = field(default_factory=SamPromptConfig)
+    finetune: SamFinetuneConfig = field(default_factory=SamFinetuneConfig)
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.checkpoint:
+            raise ValueError(
+                f"sam.checkpoint: required when sam.enabled is true: the path to the official "
+                f"{self.model_type} weights (see https://github.com/facebookresearch/segment-anything#model-checkpoints)"
+            )
+        for key in ("embed_batch_size", "prompt_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"sam.{key}: must be positive, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -208,6 +300,7 @@ class Config:
     review: ReviewConfig = field(default_factory=ReviewConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -7,6 +7,7 @@ resumes from the last finished phase and, with the same seed, ends with the same
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -219,6 +220,19 @@ class ActiveLearningLoop:
         import cv2
         import torch
 
+        if self.config.sam.enabled:  # SAM-refined masks, written next to the selection
+            cfg = self.config
+            self._ray()
+            sam = workers.SamSpec.from_config(asdict(cfg.sam), cfg.sam.cache_uri or str(self.workdir / "sam_cache"))
+            images = self.store.read(state.revision).set_index(SAMPLE_ID).loc[ids, IMAGE_PATH].astype(str)
+            written = workers.sam_preannotate(
+                list(ids), images.tolist(), [task_name(i) for i in ids], state.round_info["train"]["checkpoint_path"],
+                cfg.data.image_size, sam, sam.checkpoint_id(), str(self._round_dir(state) / "sam_preannotations"),
+                self._classes().ignore_index, sam_decoder=state.round_info.get("score", {}).get("sam_decoder"),
+                num_actors=cfg.score.num_actors, cpus_per_actor=cfg.score.cpus_per_actor,
+                gpus_per_actor=cfg.score.gpus_per_actor)
+            return {sid: cv2.imread(path, cv2.IMREAD_UNCHANGED) for sid, path in written.items()}
+
         model = workers.load_checkpoint(state.round_info["train"]["checkpoint_path"]).eval()
         paths = self.store.read(state.revision).set_index(SAMPLE_ID).loc[ids, IMAGE_PATH]
         h, w = self.config.data.image_size
@@ -382,6 +396,15 @@ class ActiveLearningLoop:
     def _ensure_started(self) -> State:
         if self.state is not None:
             return self.state
+        existed = self.workdir.exists()
+        try:
+            return self._start()
+        except BaseException:
+            if not existed:  # a refused start leaves nothing behind
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+
+    def _start(self) -> State:
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         table, classes = self._build_table()
@@ -401,6 +424,7 @@ class ActiveLearningLoop:
         rng = np.random.default_rng([cfg.experiment.seed, 0])
         initial = set(rng.choice(train_ids, size=cfg.loop.initial_labeled, replace=False).tolist())
         chosen = table[SAMPLE_ID].isin(initial)
+        self._check_masks(table[chosen | (table[SPLIT] == VAL_SPLIT)], classes)
         table.loc[chosen, LABELED] = True
         table.loc[chosen, ROUND_LABELED] = 0
         table.loc[chosen, WEIGHT] = 1.0
@@ -445,6 +469,17 @@ class ActiveLearningLoop:
         table = pd.DataFrame(rows)
         table[ROUND_LABELED] = table[ROUND_LABELED].astype("int64")
         return table, classes
+
+    @staticmethod
+    def _check_masks(rows: pd.DataFrame, classes: Any) -> None:
+        """Decode the images and masks training starts from (the initial labeled set and the
+        validation set): a corrupt file, a mask of the wrong size or a bad class id is refused now,
+        naming the file, rather than failing inside a Ray worker later."""
+        for image_path, mask_path in zip(rows[IMAGE_PATH], rows[MASK_PATH]):
+            if not isinstance(mask_path, str):
+                raise ValueError(f"labeled sample {image_path} has no mask")
+            image = workers.load_image(str(image_path))
+            workers.load_mask(mask_path, classes, expected_hw=image.shape[:2])
 
     def _classes(self) -> Any:
         import json
@@ -562,11 +597,20 @@ class ActiveLearningLoop:
         strategy = build_strategy(self.config.loop.strategy, **self.config.loop.strategy_options)
         needs = strategy.requirements()
         written = set(workers.SCORED_COLUMNS)
-        missing = sorted(needs.columns - written) + sorted(needs.column_prefixes - {columns.CLASS_FRACTION_PREFIX})
+        prefixes = {columns.CLASS_FRACTION_PREFIX}
+        if any(map(columns.is_sam_column, needs.columns | needs.column_prefixes)):
+            if not self.config.sam.enabled:
+                raise ValueError(
+                    f"loop.strategy: '{self.config.loop.strategy}' reads SAM agreement columns; set sam.enabled: true "
+                    f"and sam.checkpoint (the path to the official SAM weights of sam.model_type)"
+                )
+            written |= {c for c in needs.columns if columns.is_sam_column(c)}
+            prefixes.add(columns.SAM_CLASS_PREFIX)
+        if needs.mc_dropout_passes:  # the extended scoring pass runs them
+            written.add(columns.BALD_MEAN)
+        missing = sorted(needs.columns - written) + sorted(needs.column_prefixes - prefixes)
         if needs.embeddings:
             missing.append("pooled encoder embeddings")
-        if needs.mc_dropout_passes:
-            missing.append(f"{needs.mc_dropout_passes} Monte-Carlo dropout passes")
         if missing:
             raise ValueError(
                 f"loop.strategy: '{self.config.loop.strategy}' needs {', '.join(missing)}, which the pool "
@@ -580,8 +624,25 @@ class ActiveLearningLoop:
         cfg = self.config
         needs = self._strategy().requirements()
         review = cfg.review.enabled
+        # SAM: the decoder is fine-tuned first (it serves this round's agreement and pre-annotations).
+        reads_sam = any(map(columns.is_sam_column, needs.columns | needs.column_prefixes))
+        sam = workers.SamSpec.from_config(asdict(cfg.sam), cfg.sam.cache_uri or str(self.workdir / "sam_cache")) \
+            if cfg.sam.enabled else None
+        sam_info: dict[str, Any] = {}
+        if sam is not None and cfg.sam.finetune.enabled:
+            self._ray()
+            df = self.store.read(state.revision)
+            lab = df[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED] & df[MASK_PATH].notna()]
+            tuned = workers.finetune_sam_decoder(
+                sam, sam.checkpoint_id(), lab[SAMPLE_ID].tolist(), lab[IMAGE_PATH].tolist(), lab[MASK_PATH].tolist(),
+                self._classes(), cfg.data.image_size, str(self._round_dir(state) / "sam_decoder.pt"),
+                seed=cfg.experiment.seed * 1000 + state.round, cpus=cfg.score.cpus_per_actor, gpus=cfg.score.gpus_per_actor)
+            log.info("round %d: SAM decoder held-out mask IoU %.3f -> %.3f", state.round,
+                     tuned["val_iou_before"], tuned["val_iou_after"])
+            sam_info = {"sam_decoder": tuned["decoder_path"], "sam_finetune": tuned}
         if not (needs.columns or needs.column_prefixes or review):
-            return {"scores_dir": None, "num_scored": 0, "seconds": 0.0}
+            return {"scores_dir": None, "num_scored": 0, "seconds": float(sam_info.get("sam_finetune", {}).get("seconds", 0.0)),
+                    **sam_info}
         self._ray()
         df = self.store.read(state.revision)
         is_pool = (df[SPLIT] == TRAIN_SPLIT) & ~df[LABELED]
@@ -595,11 +656,18 @@ class ActiveLearningLoop:
             # quality columns describe the image alone: computed once, kept in later revisions
             "need_quality": (rows[quality[0]].isna() if quality[0] in rows else True),
         })
+        # Strategies that need SAM or MC dropout get the extended pass (the same columns and more).
+        score: Any = workers.score_pool
+        if reads_sam or needs.mc_dropout_passes:
+            batch[workers.POOL_FLAG] = is_pool[rows.index].to_numpy()
+            score = partial(workers.score_pool_pass, spec=workers.PassSpec(
+                sam=sam if reads_sam else None, sam_checkpoint_id=sam.checkpoint_id() if reads_sam and sam else None,
+                sam_decoder=sam_info.get("sam_decoder"), mc_dropout_passes=needs.mc_dropout_passes, seed=cfg.experiment.seed))
         round_dir = self._round_dir(state)
         pool_file = round_dir / "pool.parquet"
         atomic_write(pool_file, lambda p: batch.to_parquet(p, index=False))
         classes = self._classes()
-        result = workers.score_pool(
+        result = score(
             str(pool_file),
             state.round_info["train"]["checkpoint_path"],
             cfg.data.image_size,
@@ -613,7 +681,8 @@ class ActiveLearningLoop:
         )
         if result.num_scored != len(batch):
             raise RuntimeError(f"scoring returned {result.num_scored} rows for {len(batch)} images")
-        info = asdict(result)
+        info = {**asdict(result), **sam_info}
+        info["seconds"] = result.seconds + float(sam_info.get("sam_finetune", {}).get("seconds", 0.0))
         if review:
             info["quality_report"] = self._quality_report(state, Path(result.scores_dir), df)
             info["relabel_queue"] = self._relabel_queue(state, Path(result.scores_dir), df)

@@ -125,3 +125,8 @@ makes the loop run SAM over the pool."""
 def sam_class_column(class_id: int) -> str:
     """The column holding the SAM disagreement of ``class_id``'s components."""
     return f"{SAM_CLASS_PREFIX}{class_id}"
+
+
+def is_sam_column(name: str) -> bool:
+    """Whether ``name`` (a column or a column prefix) is written by the SAM pass."""
+    return name in SAM_COLUMNS or name.startswith(SAM_CLASS_PREFIX)

@@ -79,6 +79,7 @@ _EXPORTS = {
     "register_sam_model": "_sam",
     "sam_checkpoint_id": "_sam",
     "sam_model_types": "_sam",
+    "POOL_FLAG": "_score_pass",
     "PassResult": "_score_pass",
     "PassScorer": "_score_pass",
     "PassSpec": "_score_pass",

@@ -229,6 +229,10 @@ class SamSpec:
         finetune = SamFinetuneSpec(**v.pop("finetune", {}))
         return cls(checkpoint=os.path.abspath(checkpoint), cache_uri=cache_uri, prompts=prompts, finetune=finetune, **v)
 
+    def checkpoint_id(self) -> str:
+        """:func:`sam_checkpoint_id` of this checkpoint (hashed once per process and file version)."""
+        return sam_checkpoint_id(self.model_type, self.checkpoint)
+
 
 # --------------------------------------------------------------------------------------------
 # The engine

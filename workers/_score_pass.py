@@ -34,10 +34,10 @@ from strategies import columns as col
 from ._data import load_image
 from ._models import load_checkpoint
 from ._sam import SamEngine, SamSpec
-from ._score import ScoreResult, uncertainty_columns
+from ._score import PoolScorer, ScoreResult
 from ._train import to_tensor
 
-__all__ = ["PassResult", "PassScorer", "PassSpec", "SamPreannotator", "read_embeddings", "sam_preannotate",
+__all__ = ["POOL_FLAG", "PassResult", "PassScorer", "PassSpec", "SamPreannotator", "read_embeddings", "sam_preannotate",
            "score_pool_pass"]
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,44 @@ class PassSpec:
     """Seeds the dropout masks, per image, so a re-run scores the same."""
 
 
+POOL_FLAG = "pool"
+"""Optional bool column of the input rows: True for unlabeled pool rows, the only ones SAM and
+MC dropout score (labeled and validation rows, when the pass reviews them too, get NaN). Without
+the column every row is a pool row."""
+
+
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(1)
 
 
-class PassScorer:
-    """Ray Data callable class: ``{sample_id, image_path}`` batch -> per-image columns."""
+class _Recorder(torch.nn.Module):
+    """Wraps the base scorer's model and keeps the last batch's input and logits, so the extensions
+    reuse its one forward pass instead of decoding the images and running the model again."""
 
-    def __init__(self, checkpoint_path: str, image_size: tuple[int, int], spec: PassSpec, use_gpu: bool = False) -> None:
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_checkpoint(checkpoint_path).to(self.device).eval()
-        self.image_size = (int(image_size[0]), int(image_size[1]))
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.x: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.x, self.logits = x, self.model(x)
+        return self.logits
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(x)  # type: ignore[operator,no-any-return]
+
+
+class PassScorer:
+    """Ray Data callable class: the :class:`~workers._score.PoolScorer` columns of a batch plus what
+    ``spec`` asks for. ``scorer_kwargs`` go to ``PoolScorer`` unchanged."""
+
+    def __init__(self, spec: PassSpec, **scorer_kwargs: Any) -> None:
+        self.base = PoolScorer(**scorer_kwargs)
+        self.recorder = _Recorder(self.base.model)
+        self.base.model = self.recorder  # type: ignore[assignment]
+        self.model = self.recorder.model
+        self.device = self.base.device
         self.spec = spec
         self.sam: SamEngine | None = None
         if spec.sam is not None:
@@ -83,7 +110,7 @@ class PassScorer:
         if spec.mc_dropout_passes and not self.dropout:
             raise ValueError(
                 f"the strategy needs {spec.mc_dropout_passes} Monte-Carlo dropout passes but the model in "
-                f"{checkpoint_path} has no dropout layer with p > 0 (unet: set model.options.dropout > 0)"
+                f"{scorer_kwargs.get('checkpoint_path')} has no dropout layer with p > 0 (unet: set model.options.dropout > 0)"
             )
 
     def _bald(self, x: torch.Tensor, sample_ids: np.ndarray) -> np.ndarray:
@@ -114,7 +141,7 @@ class PassScorer:
 
         assert self.spec.embeddings_dir is not None
         with torch.no_grad():
-            pooled = self.model.encode(x).float().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
+            pooled = self.recorder.encode(x).float().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
         out = Path(self.spec.embeddings_dir)
         out.mkdir(parents=True, exist_ok=True)
         table = pa.table({
@@ -126,19 +153,28 @@ class PassScorer:
         os.replace(out / f".{name}.tmp", out / name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.base(batch)
+        x, logits = self.recorder.x, self.recorder.logits
         ids = np.asarray(batch["sample_id"])
-        paths = [str(p) for p in batch["image_path"]]
-        x = torch.stack([to_tensor(load_image(p, size=self.image_size)) for p in paths]).to(self.device)
-        with torch.no_grad():
-            probs = torch.softmax(self.model(x).float(), dim=1)
-        out: dict[str, np.ndarray] = {"sample_id": ids, **uncertainty_columns(probs.cpu())}
+        assert x is not None and logits is not None and len(x) == len(ids), "PoolScorer ran its model once per batch"
+        n, num_classes = len(ids), int(logits.shape[1])
+        pool = np.asarray(batch[POOL_FLAG], dtype=bool) if POOL_FLAG in batch else np.ones(n, dtype=bool)
+        rows = np.flatnonzero(pool)
         if self.spec.mc_dropout_passes:
-            out[col.BALD_MEAN] = self._bald(x, ids)
+            out[col.BALD_MEAN] = np.full(n, np.nan)
+            if len(rows):
+                out[col.BALD_MEAN][rows] = self._bald(x[rows], ids[rows])
         if self.spec.embeddings_dir is not None:
             self._write_embeddings(ids, x)
         if self.sam is not None:
-            predictions = probs.argmax(1).cpu().numpy()
-            out.update(self.sam.agreement(paths, predictions, num_classes=probs.shape[1]))
+            # Every batch carries every column (NaN where not scored): the Parquet files share a schema.
+            sam_cols = {k: np.full(n, np.nan) for k in (*col.SAM_COLUMNS, *map(col.sam_class_column, range(num_classes)))}
+            if len(rows):
+                predictions = logits[rows].argmax(1).cpu().numpy()
+                paths = [str(batch["image_path"][i]) for i in rows]
+                for key, values in self.sam.agreement(paths, predictions, num_classes).items():
+                    sam_cols[key][rows] = values
+            out.update(sam_cols)
         return out
 
 
@@ -170,10 +206,13 @@ def score_pool_pass(
     batch_size: int = 16,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
+    **scorer_kwargs: Any,
 ) -> PassResult:
-    """Score every row of ``pool_parquet`` (``sample_id``, ``image_path``) with the model in
-    ``checkpoint_path`` plus what ``spec`` asks for; write the per-image columns as Parquet under
-    ``out_dir`` (replaced, like ``spec.embeddings_dir``). ``gpus_per_actor`` may be a fraction."""
+    """:func:`~workers._score.score_pool` plus what ``spec`` asks for, in the same pass: every row of
+    ``pool_parquet`` (``sample_id``, ``image_path``, the optional columns ``PoolScorer`` reads and
+    :data:`POOL_FLAG`) is scored and the per-image columns are written as Parquet under ``out_dir``
+    (replaced, like ``spec.embeddings_dir``). ``scorer_kwargs`` (``class_names``, ...) go to
+    ``PoolScorer``; ``gpus_per_actor`` may be a fraction."""
     import pyarrow.parquet as pq
     import ray
 
@@ -181,9 +220,9 @@ def score_pool_pass(
         if d is not None and Path(d).exists():  # left by an interrupted attempt
             shutil.rmtree(d)
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(pool_parquet, columns=["sample_id", "image_path"])
-    kwargs = {"checkpoint_path": checkpoint_path, "image_size": tuple(image_size), "spec": spec,
-              "use_gpu": gpus_per_actor > 0}
+    ds = ray.data.read_parquet(pool_parquet)
+    kwargs = {"spec": spec, "checkpoint_path": checkpoint_path, "image_size": tuple(image_size),
+              "use_gpu": gpus_per_actor > 0, **scorer_kwargs}
     scored = _ray_map(ds, PassScorer, kwargs, num_actors=num_actors, batch_size=batch_size,
                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
     scored.write_parquet(out_dir)
@@ -191,7 +230,7 @@ def score_pool_pass(
     num = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     encoded = 0
     if spec.sam is not None and files:
-        cached = pq.read_table(out_dir, columns=[col.SAM_EMBEDDING_CACHED]).column(0).to_numpy()
+        cached = pq.read_table(out_dir, columns=[col.SAM_EMBEDDING_CACHED]).column(0).to_numpy(zero_copy_only=False)
         encoded = int((cached == 0).sum())
     return PassResult(scores_dir=out_dir, num_scored=num, seconds=time.perf_counter() - t0,
                       sam_images_encoded=encoded, embeddings_dir=spec.embeddings_dir)
