@@ -11,7 +11,7 @@ a test).
 2. Starts ``mlflow server`` on 127.0.0.1 in its own process group (job execution off) and waits for
    ``/health``.
 3. Drives headless Chromium over the DevTools protocol (``--remote-debugging-port`` on loopback,
-   aiohttp as the client): opens the experiment's runs table with both parent runs expanded to
+   aiohttp as the client): opens the experiment's runs table with the parent runs expanded to
    their round runs and a few metric columns, the entropy run's learning-curve artifact, and the
    last round's artifacts (learning curve, selected thumbnails).
 4. Writes the PNGs to ``benchmarks/results/mlflow_*.png`` and stops the server and the browser by
@@ -233,41 +233,34 @@ async def capture(url: str, root: Path, out: Path) -> list[Path]:
     browser = Chromium()
     try:
         await browser.connect()
-        # First visit: the app writes its settings; then close the assistant panel and show metric
-        # columns, and reload with them.
+        # The first visit makes the app write its settings to localStorage; edit them from a page
+        # of the same origin without the app (/health), so the app cannot write them back: close
+        # the assistant panel, expand the parent runs, show a few metric columns.
         await browser.open(f"{base}/runs", "matching runs")
-        columns = json.dumps([f"metrics.`{m}`" for m in METRIC_COLUMNS] + ["params.`strategy`"])
+        await browser.open(f"{url}/health", "OK")
+        settings = json.dumps({
+            "selectedColumns": ["attributes.`Models`", "params.`strategy`"] + [f"metrics.`{m}`" for m in METRIC_COLUMNS],
+            "runsExpanded": {r.info.run_id: True for r in runs},
+        })
         await browser.js(f"""(() => {{
             localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
             const key = Object.keys(localStorage).find(k => k.includes('ExperimentPage') && k.endsWith('ReactComponentState'));
-            if (key) {{
-                const state = JSON.parse(localStorage.getItem(key));
-                state.selectedColumns = [...new Set([...(state.selectedColumns || []), ...{columns}])];
-                localStorage.setItem(key, JSON.stringify(state));
-            }}
-            return key || null;
+            if (key) localStorage.setItem(key, JSON.stringify({{...JSON.parse(localStorage.getItem(key)), ...{settings}}}));
+            return key;
         }})()""")
-        await browser.open(f"{base}/runs", "matching runs")
-        await browser.cmd("Page.reload")
-        await browser.wait_for("matching runs")
-        await asyncio.sleep(1.0)
-        expanded = await browser.js("""(() => {
-            const buttons = [...document.querySelectorAll('.ag-row-level-0 button[data-component-id*="runnamecellrenderer"]')];
-            buttons.forEach(b => b.click());
-            return buttons.length;
-        })()""")
-        print(f"expanded {expanded} parent runs", flush=True)
-        await browser.wait_for(str(last.info.run_name))
+        await browser.open(f"{base}/runs", str(last.info.run_name))
         shots.append(out / "mlflow_experiment.png")
         await browser.screenshot(shots[-1])
 
         pages = [
             (parent.info.run_id, "learning_curve.png", "mlflow_parent_learning_curve.png"),
             (last.info.run_id, "figures/learning_curve.png", "mlflow_round_learning_curve.png"),
-            (last.info.run_id, "figures/selected_thumbnails.png", "mlflow_round_thumbnails.png"),
+            (last.info.run_id, "figures/selected_thumbnails.jpg", "mlflow_round_thumbnails.png"),
         ]
         for run_id, artifact, name in pages:
-            await browser.open(f"{base}/runs/{run_id}/artifacts/{artifact}", artifact.rsplit("/", 1)[-1])
+            # Through /health: the app then loads afresh and opens the artifact the URL names.
+            await browser.open(f"{url}/health", "OK")
+            await browser.open(f"{base}/runs/{run_id}/artifacts/{artifact}", f"{artifact}")
             shots.append(out / name)
             await browser.screenshot(shots[-1], settle_s=3.0)
     finally:

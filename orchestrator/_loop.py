@@ -231,7 +231,13 @@ class ActiveLearningLoop:
                 self._classes().ignore_index, sam_decoder=state.round_info.get("score", {}).get("sam_decoder"),
                 num_actors=cfg.score.num_actors, cpus_per_actor=cfg.score.cpus_per_actor,
                 gpus_per_actor=cfg.score.gpus_per_actor)
-            return {sid: cv2.imread(path, cv2.IMREAD_UNCHANGED) for sid, path in written.items()}
+            refined = {}
+            for sid, path in written.items():
+                mask = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+                if mask is None:
+                    raise FileNotFoundError(f"SAM pre-annotation {path} is missing or unreadable")
+                refined[sid] = mask
+            return refined
 
         model = workers.load_checkpoint(state.round_info["train"]["checkpoint_path"]).eval()
         paths = self.store.read(state.revision).set_index(SAMPLE_ID).loc[ids, IMAGE_PATH]
@@ -626,13 +632,14 @@ class ActiveLearningLoop:
         review = cfg.review.enabled
         # SAM: the decoder is fine-tuned first (it serves this round's agreement and pre-annotations).
         reads_sam = any(map(columns.is_sam_column, needs.columns | needs.column_prefixes))
-        sam = workers.SamSpec.from_config(asdict(cfg.sam), cfg.sam.cache_uri or str(self.workdir / "sam_cache")) \
-            if cfg.sam.enabled else None
+        sam = None
+        if cfg.sam.enabled:
+            sam = workers.SamSpec.from_config(asdict(cfg.sam), cfg.sam.cache_uri or str(self.workdir / "sam_cache"))
         sam_info: dict[str, Any] = {}
         if sam is not None and cfg.sam.finetune.enabled:
             self._ray()
             df = self.store.read(state.revision)
-            lab = df[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED] & df[MASK_PATH].notna()]
+            lab = df[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED] & (df[WEIGHT] > 0) & df[MASK_PATH].notna()]
             tuned = workers.finetune_sam_decoder(
                 sam, sam.checkpoint_id(), lab[SAMPLE_ID].tolist(), lab[IMAGE_PATH].tolist(), lab[MASK_PATH].tolist(),
                 self._classes(), cfg.data.image_size, str(self._round_dir(state) / "sam_decoder.pt"),
@@ -836,7 +843,8 @@ class ActiveLearningLoop:
             np.random.default_rng([cfg.experiment.seed, state.round, 1]))  # the select phase's generator
         artifacts = report.write_round_report(
             round_dir / report.REPORT_DIR, cfg=cfg, classes=classes, round_index=state.round, curve=curve,
-            baseline=baseline, train=train, pixels=pixels, revision_df=df, selection=selection)
+            baseline=baseline, train=train, pixels=pixels, revision_df=df, selection=selection,
+            sam_dir=round_dir / "sam_preannotations")  # where _preannotations has SAM write them
         tracker.log(child, params=report.round_params(cfg, state.round, label["revision"], label["parent"]),
                     metrics=metrics, step=state.round)
         for epoch in train["history"]:

@@ -20,6 +20,7 @@ import workers
 
 from ._atomic import atomic_write
 from ._config import Config
+from ._labeling import task_name
 from ._table import IMAGE_PATH, LABELED, MASK_PATH, SAMPLE_ID, SPLIT, TRAIN_SPLIT, WEIGHT
 
 log = logging.getLogger(__name__)
@@ -178,11 +179,13 @@ def write_round_report(
     pixels: pd.DataFrame,
     revision_df: pd.DataFrame,
     selection: pd.DataFrame,
+    sam_dir: Path | None = None,
 ) -> RoundArtifacts:
     """Write the round's figures and tables under ``out_dir``: the learning curve (with the random
     baseline when there is one), the validation confusion matrix, the labeled set's class
     distribution, the training weights histogram, thumbnails of the selected images with their
-    predicted masks and labels, and the selection table with scores and reasons."""
+    predicted masks, labels and SAM pre-annotations (``sam_dir/<task name>.png``, when the round
+    wrote them), and the selection table with scores and reasons."""
     names = list(classes.names)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: list[Path] = []
@@ -215,7 +218,8 @@ def write_round_report(
     labeled = revision_df[(revision_df[SPLIT] == TRAIN_SPLIT) & revision_df[LABELED]]
     figures.append(workers.plot_weights_histogram(out_dir / "weights_histogram.png", labeled[WEIGHT].to_numpy()))
 
-    thumbs = _thumbnails(out_dir / "selected_thumbnails.png", cfg, classes, train, revision_df, selection, round_index)
+    thumbs = _thumbnails(out_dir / "selected_thumbnails.jpg", cfg, classes, train, revision_df, selection, round_index,
+                         sam_dir)
     if thumbs is not None:
         figures.append(thumbs)
     root = [_write_csv(out_dir / "selection.csv", selection)]
@@ -224,7 +228,7 @@ def write_round_report(
 
 def _thumbnails(
     path: Path, cfg: Config, classes: Any, train: Mapping[str, Any], revision_df: pd.DataFrame,
-    selection: pd.DataFrame, round_index: int,
+    selection: pd.DataFrame, round_index: int, sam_dir: Path | None = None,
 ) -> Path | None:
     checkpoint = train.get("checkpoint_path")
     if not checkpoint or not Path(checkpoint).exists() or selection.empty:
@@ -237,9 +241,11 @@ def _thumbnails(
     reasons = shown["reason"].tolist() if "reason" in shown.columns else [""] * len(shown)
     captions = [f"{sid}\n{_short(str(r))}" if r else str(sid) for sid, r in zip(shown[SAMPLE_ID], reasons)]
     more = f" (first {len(shown)} of {len(selection)})" if len(selection) > len(shown) else ""
-    # SAM masks do not exist yet: pass sam_masks= here once SAM-assisted labeling writes them.
+    sam_files = [sam_dir / f"{task_name(str(sid))}.png" if sam_dir else None for sid in shown[SAMPLE_ID]]
+    sam_masks = [workers.load_mask(str(p), classes, size=size) if p and p.exists() else None for p in sam_files]
     return workers.plot_thumbnails(
         path, images, predictions, classes.names, labels=labels, captions=captions,
+        sam_masks=sam_masks if any(m is not None for m in sam_masks) else None,  # the column only with SAM
         ignore_index=classes.ignore_index,
         title=f"round {round_index}: selected images{more}, predicted by the round's model",
     )

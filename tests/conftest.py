@@ -53,8 +53,23 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():  # left by a test that let the loop start its own cluster
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_behind() -> Iterator[None]:
+    """Shut down a Ray session a test module started without the ``ray_cluster`` fixture."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

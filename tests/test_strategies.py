@@ -17,7 +17,7 @@ EMBEDDING_DIM = 6
 
 
 def score_table(n: int = 50, seed: int = 0, labeled_every: int = 5) -> pd.DataFrame:
-    """Every column any strategy may declare: uncertainty, BALD, class shares, features, loss."""
+    """Every column any strategy may declare: uncertainty, BALD, class shares, features, loss, SAM."""
     rng = np.random.default_rng(seed)
     labeled = np.array([i % labeled_every == 0 for i in range(n)])
     data: dict[str, object] = {"sample_id": [f"s{i:03d}" for i in range(n)], "labeled": labeled}
@@ -32,6 +32,10 @@ def score_table(n: int = 50, seed: int = 0, labeled_every: int = 5) -> pd.DataFr
     for f in range(3):
         data[columns.feature_column(f"hist{f}")] = rng.random(n)
     data[columns.TRAIN_LOSS] = np.where(labeled, rng.random(n), np.nan)
+    for name in sorted(columns.SAM_COLUMNS):
+        data[name] = rng.random(n)
+    for c in range(NUM_CLASSES):
+        data[columns.sam_class_column(c)] = np.where(rng.random(n) < 0.7, rng.random(n), np.nan)
     return pd.DataFrame(data)
 
 

@@ -87,6 +87,8 @@ def test_figures_are_pngs(tmp_path: Path) -> None:
     ]
     for p in paths:
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 1000
+    jpeg = plot_thumbnails(tmp_path / "thumbs.jpg", images, masks, names)
+    assert jpeg.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, for photographs
     with pytest.raises(ValueError, match="3 classes"):
         plot_confusion_matrix(tmp_path / "bad.png", [[1, 0], [0, 1]], names)
     with pytest.raises(ValueError, match="1 SAM masks for 3 images"):
@@ -254,7 +256,8 @@ def test_each_round_run_holds_params_metrics_tags_and_artifacts(served, tmp_path
         assert tags["shoal.baseline_run_id"] == baseline
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
         assert artifacts == {f"figures/{n}.png" for n in (
-            "learning_curve", "confusion_matrix", "class_distribution", "weights_histogram", "selected_thumbnails")}
+            "learning_curve", "confusion_matrix", "class_distribution", "weights_histogram")} | {
+            "figures/selected_thumbnails.jpg"}
         local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / str(r.round))))
         selection = pd.read_csv(local / "selection.csv")
         assert selection.sample_id.tolist() == r.added

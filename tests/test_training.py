@@ -235,9 +235,15 @@ def test_the_round_revision_carries_per_sample_training_signals(tmp_path: Path, 
     def train_in_process(spec: TrainSpec, **_: Any) -> TrainResult:
         return run(spec)
 
+    def no_scoring(*_: Any, **__: Any) -> None:
+        raise AssertionError("this test runs no Ray Data scoring pass")
+
     monkeypatch.setattr(workers, "train", train_in_process)
+    monkeypatch.setattr(workers, "score_pool", no_scoring)
     monkeypatch.setattr(ActiveLearningLoop, "_ray", lambda self: None)
-    cfg = config_from_dict(tiny_config(loop={"strategy": "random"}, train={"epochs": 1, "init": "previous"}))
+    # random selection and no label review: the score phase has nothing to compute
+    cfg = config_from_dict(tiny_config(loop={"strategy": "random"}, train={"epochs": 1, "init": "previous"},
+                                       review={"enabled": False}))
     loop = ActiveLearningLoop(cfg, tmp_path / "work")
     state = loop._ensure_started()
     trained_on = set(loop.store.read(state.revision).query("labeled").sample_id)

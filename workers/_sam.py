@@ -345,7 +345,8 @@ class SamEngine:
         ys = ((torch.arange(oh, device=low_res.device) + 0.5) * ih / oh) / self.img_size * 2 - 1
         xs = ((torch.arange(ow, device=low_res.device) + 0.5) * iw / ow) / self.img_size * 2 - 1
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
-        out = F.grid_sample(low_res.transpose(0, 1), grid.to(low_res.dtype), mode="bilinear", align_corners=False)
+        out = F.grid_sample(low_res.transpose(0, 1), grid.to(low_res.dtype), mode="bilinear", padding_mode="border",
+                            align_corners=False)
         return out[0]
 
     def logits(self, entry: SamEmbedding, prompts: ImagePrompts, out_hw: tuple[int, int] | None = None,
@@ -399,18 +400,18 @@ class SamEngine:
 
         Every prompted component of ``prediction`` (int [h, w], the model's class ids) is replaced
         by SAM's mask for it, with the component's class; larger components are painted first, so
-        small objects stay on top. Pixels the model gave to a prompted component that SAM leaves out
-        take the most common class of the unprompted pixels (the background, in practice), or
-        ``ignore_index`` if every pixel was prompted. Unprompted regions keep the model's class.
+        small objects stay on top. Pixels the model gave to a prompted component that no SAM mask
+        claims take the first of ``prompts.skip_classes`` (the background class, by convention), or
+        ``ignore_index`` (unlabeled: the annotator decides) when no class is skipped. Unprompted
+        regions (skipped classes, components below the minimum area) keep the model's class.
         """
         entry = self.embeddings([path])[0][0]
         prompts = prompts_from_mask(prediction, self.spec.prompts)
         hw = entry.original_hw
         base = _nearest(np.asarray(prediction), hw)
         prompted = _nearest(prompts.components, hw) > 0
-        rest = base[~prompted]
-        fill = int(np.bincount(rest.ravel()).argmax()) if rest.size else ignore_index
-        out = np.where(prompted, fill, base)
+        skip = self.spec.prompts.skip_classes
+        out = np.where(prompted, skip[0] if skip else ignore_index, base)
         order = np.argsort(-prompts.areas, kind="stable")
         for start in range(0, len(order), self.spec.prompt_batch_size):
             rows = order[start:start + self.spec.prompt_batch_size]
@@ -500,7 +501,7 @@ def finetune_decoder(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     decoder.eval()
     after = _mean_iou(engine, holdout)
 

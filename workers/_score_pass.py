@@ -10,8 +10,8 @@ written as Parquet by the cluster), and on top of the uncertainty columns, as as
 - pooled encoder embeddings, written by the actors as Parquet files (``sample_id``, ``embedding``)
   beside the scores, read back in table order with :func:`read_embeddings`.
 
-Also :func:`sam_preannotate`, which runs SAM's refinement over the selected samples on the same kind
-of actor pool and writes class-id PNGs.
+Also :func:`sam_preannotate`, which runs SAM's refinement over the selected samples as Ray tasks with
+the scoring actors' resources and writes class-id PNGs.
 """
 
 from __future__ import annotations
@@ -127,9 +127,10 @@ class PassScorer:
             with torch.no_grad():
                 for i in range(len(x)):
                     torch.manual_seed(zlib.crc32(str(sample_ids[i]).encode()) ^ self.spec.seed)
-                    probs = torch.softmax(self.model(x[i:i + 1].expand(t, -1, -1, -1)).float(), dim=1)
+                    probs = torch.softmax(self.model(x[i:i + 1].expand(t, -1, -1, -1)).double(), dim=1)
                     mean = probs.mean(0, keepdim=True)
-                    out[i] = float((_entropy(mean)[0] - _entropy(probs).mean(0)).mean())
+                    # >= 0 in exact arithmetic (Jensen); clamp the rounding noise of near-equal passes
+                    out[i] = float((_entropy(mean)[0] - _entropy(probs).mean(0)).clamp_min(0).mean())
         finally:
             for m in self.dropout:
                 m.eval()
@@ -308,18 +309,31 @@ def sam_preannotate(
 ) -> dict[str, str]:
     """SAM-refined pre-annotations of the selected samples: ``<out_dir>/<name>.png`` class-id masks
     at each image's own size (see :meth:`~workers._sam.SamEngine.refine`). Returns sample id -> path.
-    The selection is small, so the paths come back to the driver."""
-    import pandas as pd
+
+    A selection is a round's budget, not a pool: it is split over up to ``num_actors`` Ray tasks
+    with the scoring actors' resources (a Ray Data pipeline would cost more to start than to run).
+    """
     import ray
 
-    frame = pd.DataFrame({"sample_id": sample_ids, "image_path": image_paths, "name": names})
-    ds = ray.data.from_pandas(frame)
     kwargs = {"checkpoint_path": checkpoint_path, "image_size": tuple(image_size), "sam": sam,
               "sam_checkpoint_id": sam_checkpoint_id, "out_dir": out_dir, "ignore_index": ignore_index,
               "sam_decoder": sam_decoder, "use_gpu": gpus_per_actor > 0}
-    done = _ray_map(ds, SamPreannotator, kwargs, num_actors=min(num_actors, max(1, len(frame))), batch_size=batch_size,
-                    cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
-    return {str(r["sample_id"]): str(r["path"]) for r in done.take_all()}
+
+    def run(rows: list[tuple[str, str, str]]) -> dict[str, np.ndarray]:
+        annotate = SamPreannotator(**kwargs)  # type: ignore[arg-type]
+        done: dict[str, list[str]] = {"sample_id": [], "path": []}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            out = annotate({k: np.asarray([r[i] for r in chunk]) for i, k in enumerate(("sample_id", "image_path", "name"))})
+            done["sample_id"] += out["sample_id"].tolist()
+            done["path"] += out["path"].tolist()
+        return {k: np.asarray(v) for k, v in done.items()}
+
+    rows = list(zip(sample_ids, image_paths, names))
+    parts = [rows[i::num_actors] for i in range(min(num_actors, len(rows)))]
+    task = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)(run)
+    results = ray.get([task.remote(part) for part in parts])
+    return {str(s): str(p) for r in results for s, p in zip(r["sample_id"], r["path"])}
 
 
 def finetune_sam_decoder(*args: Any, cpus: float = 1.0, gpus: float = 0.0, **kwargs: Any) -> dict[str, Any]:
