@@ -44,7 +44,7 @@ import workers
 from strategies import build_strategy
 
 from ._atomic import atomic_write, atomic_write_text
-from ._config import Config, _build, _parse_override, config_from_dict
+from ._config import Config, _build, _parse_override, config_from_dict, load_config
 from ._table import IMAGE_PATH, LABELED, MASK_PATH, SAMPLE_ID, SPLIT, TRAIN_SPLIT, VAL_SPLIT, WEIGHT, TableStore
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,6 @@ def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     base_path = Path(sweep.base) if Path(sweep.base).is_absolute() else path.parent / sweep.base
-    from ._config import load_config
-
     base = load_config(base_path, _overrides(sweep.overrides))
     check_sweep(sweep, base)
     return sweep, base
@@ -168,9 +166,8 @@ def sweep_config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (
 
 def check_sweep(sweep: SweepConfig, base: Config) -> None:
     """Raise ValueError naming the key when a search space could build an invalid config."""
-    for field_name in ("max_concurrent_trials",):
-        if getattr(sweep, field_name) < 1:
-            raise ValueError(f"{field_name}: must be >= 1, got {getattr(sweep, field_name)}")
+    if sweep.max_concurrent_trials < 1:
+        raise ValueError(f"max_concurrent_trials: must be >= 1, got {sweep.max_concurrent_trials}")
     for kind in SWEEP_KINDS:
         section = getattr(sweep, kind)
         if not section.enabled:
