@@ -46,6 +46,11 @@ def load() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def measured() -> dict[str, Any]:
+    """When a part ran and the load average then (the machine is shared)."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load_after": load()}
+
+
 def rss_mib(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -123,19 +128,26 @@ def sam_spec(model_type: str, cache: Path) -> Any:
 # -- (a) throughput ----------------------------------------------------------------------------------
 
 
-def plain_loop(table: Path, checkpoint: str, spec: Any, batch_size: int) -> float:
-    """The same batch function (model load included) in this process, no Ray: seconds."""
+def plain_loop(table: Path, checkpoint: str, spec: Any, batch_size: int, threads: int) -> float:
+    """The same batch function (model load included) in this process, no Ray, with ``threads``
+    torch threads: seconds."""
     import pandas as pd
+    import torch
 
     from workers import PassScorer
 
-    t0 = time.perf_counter()
-    scorer = PassScorer(spec, checkpoint_path=checkpoint, image_size=HW)
-    rows = pd.read_parquet(table)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows.iloc[start:start + batch_size]
-        scorer({"sample_id": chunk.sample_id.to_numpy(), "image_path": chunk.image_path.to_numpy()})
-    return time.perf_counter() - t0
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        scorer = PassScorer(spec, checkpoint_path=checkpoint, image_size=HW)
+        rows = pd.read_parquet(table)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows.iloc[start:start + batch_size]
+            scorer({"sample_id": chunk.sample_id.to_numpy(), "image_path": chunk.image_path.to_numpy()})
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(default)
 
 
 def ray_pass(table: Path, checkpoint: str, spec: Any, out: Path, actors: int, batch_size: int) -> float:
@@ -148,7 +160,7 @@ def ray_pass(table: Path, checkpoint: str, spec: Any, out: Path, actors: int, ba
     return result.seconds
 
 
-def part_a(n: int, batch_size: int) -> dict[str, Any]:
+def part_a(n: int, batch_size: int, repeats: int) -> dict[str, Any]:
     import ray
     import torch
 
@@ -156,27 +168,35 @@ def part_a(n: int, batch_size: int) -> dict[str, Any]:
 
     table, checkpoint = pool(n, HW, seed=1), segmentation_model()
     ensure_ray(num_cpus=os.cpu_count())
-    rows = []
-    for runner in ("plain", "ray-1", "ray-2"):
-        cache = SCRATCH / f"cache-a-{runner}"
-        shutil.rmtree(cache, ignore_errors=True)
-        for state in ("cold", "warm"):
-            spec = sam_spec("tiny", cache)
-            pass_spec = PassSpec(sam=spec, sam_checkpoint_id=spec.checkpoint_id())
-            before = load()
-            if runner == "plain":
-                seconds = plain_loop(table, checkpoint, pass_spec, batch_size)
-            else:
-                seconds = ray_pass(table, checkpoint, pass_spec, SCRATCH / "scores-a", int(runner[-1]), batch_size)
-            rows.append({"runner": runner, "cache": state, "images": n, "seconds": seconds, "images_per_s": n / seconds,
-                         "load_before": before})
-            print(f"(a) {runner} {state}: {n / seconds:.1f} img/s ({seconds:.1f} s)", flush=True)
+    threads = torch.get_num_threads()
+    runs: dict[tuple[str, str], list[float]] = {}
+    loads: dict[tuple[str, str], list[float]] = {}
+    # Interleaved repeats: load from other jobs on a shared machine then hits every runner alike.
+    for _ in range(repeats):
+        for runner in ("plain", "plain-1-thread", "ray-1", "ray-2"):
+            cache = SCRATCH / f"cache-a-{runner}"
+            shutil.rmtree(cache, ignore_errors=True)
+            for state in ("cold", "warm"):
+                spec = sam_spec("tiny", cache)
+                pass_spec = PassSpec(sam=spec, sam_checkpoint_id=spec.checkpoint_id())
+                loads.setdefault((runner, state), []).append(load()[0])
+                if runner.startswith("plain"):
+                    seconds = plain_loop(table, checkpoint, pass_spec, batch_size, 1 if runner.endswith("thread") else threads)
+                else:
+                    seconds = ray_pass(table, checkpoint, pass_spec, SCRATCH / "scores-a", int(runner[-1]), batch_size)
+                runs.setdefault((runner, state), []).append(seconds)
+                print(f"(a) {runner} {state}: {n / seconds:.1f} img/s ({seconds:.1f} s)", flush=True)
+    rows = [{"runner": runner, "cache": state, "images": n, "seconds_runs": seconds, "seconds": min(seconds),
+             "images_per_s": n / min(seconds), "images_per_s_median": n / float(np.median(seconds)),
+             "load_1min": loads[(runner, state)]}
+            for (runner, state), seconds in runs.items()]
     for r in rows:
         plain = next(p for p in rows if p["runner"] == "plain" and p["cache"] == r["cache"])
         r["x_plain"] = r["images_per_s"] / plain["images_per_s"]
+        r["x_plain_median"] = r["images_per_s_median"] / plain["images_per_s_median"]
     ray.shutdown()
-    return {"pool_images": n, "image_hw": HW, "batch_size": batch_size, "torch_threads_plain": torch.get_num_threads(),
-            "rows": rows}
+    return {"pool_images": n, "image_hw": HW, "batch_size": batch_size, "torch_threads_plain": threads,
+            "repeats": repeats, "rows": rows, **measured()}
 
 
 # -- (b) warm vs cold SAM time -----------------------------------------------------------------------
@@ -213,7 +233,7 @@ def part_b(model_type: str, n: int) -> dict[str, Any]:
     prompts = [len(prompts_from_mask(p, spec.prompts)) for p in predictions]
     return {"model_type": model_type, "images": n, "image_hw": HW, "prompts_per_image": float(np.mean(prompts)),
             "checkpoint_sha256_s": hash_s, "rounds": rounds, "warm_fraction": warm / cold,
-            "target": f"< {WARM_TARGET:.0%}", "meets_target": warm / cold < WARM_TARGET}
+            "target": f"< {WARM_TARGET:.0%}", "meets_target": warm / cold < WARM_TARGET, **measured()}
 
 
 # -- (c) driver memory -------------------------------------------------------------------------------
@@ -270,7 +290,7 @@ def part_c(sizes: list[int]) -> dict[str, Any]:
         rows.append(row)
         print(f"(c) {n} images: driver peak {row['rss_peak_during_pass_mib']:.0f} MiB "
               f"(+{row['growth_mib']:.0f} MiB during the pass), {row['seconds']:.0f} s", flush=True)
-    return {"rows": rows}
+    return {"rows": rows, **measured()}
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -283,26 +303,34 @@ def write_report(results: dict[str, Any]) -> None:
     lines = ["# SAM scoring: throughput, embedding cache, driver memory", "",
              f"Command: `{env['command']}` (from the repository root)", "",
              f"{env['date']}; {env['cpus']} CPUs, {env['platform']}, Python {env['python']}, torch {env['torch']}, "
-             f"ray {env['ray']}. Load average (1, 5, 15 min) at the start: {', '.join(f'{v:.2f}' for v in env['load_start'])}; "
-             "a shared machine: other engineers' jobs ran at the same time, so absolute numbers are noisy.", ""]
+             f"ray {env['ray']}. Load average (1, 5, 15 min) at the start of the last run: "
+             f"{', '.join(f'{v:.2f}' for v in env['load_start'])}; a shared machine: other engineers' jobs ran at the "
+             "same time (load averages of 5-20 on 2 CPUs), so absolute numbers are noisy; the load is recorded per row.", ""]
     if "a" in results:
         a = results["a"]
         lines += ["## (a) Pool scoring throughput: Ray Data vs a plain loop", "",
+                  f"Measured {a['date']} (load average after: {a['load_after'][0]:.1f}). "
                   f"{a['pool_images']} synthetic images {a['image_hw'][0]}x{a['image_hw'][1]}, batch {a['batch_size']}; "
                   "the extended pass: UNet (5 classes, base 16, depth 3) uncertainty + SAM agreement with the `tiny` "
-                  "SAM. Plain loop = the same `PassScorer` called on batches in one process "
-                  f"({a['torch_threads_plain']} torch threads); Ray actors at 1 CPU (1 actor) or 0.5 CPU (2 actors), one "
-                  "torch thread each. End to end, model and SAM loading and Ray Data start-up included.", "",
-                  "| runner | cache | seconds | images/s | x plain | load avg before |", "|---|---|---:|---:|---:|---:|"]
+                  "SAM. Plain loop = the same `PassScorer` called on batches in one process, with torch's default "
+                  f"{a['torch_threads_plain']} threads or with 1; Ray actors at 1 CPU (1 actor) or 0.5 CPU (2 actors), "
+                  "one torch thread each (Ray sets OMP_NUM_THREADS). End to end, model and SAM loading and Ray Data "
+                  "start-up included; `x plain` is against the default-thread plain loop in the same cache state.", "",
+                  f"Best of {a['repeats']} interleaved runs (median in brackets).", "",
+                  "| runner | cache | best seconds | images/s | x plain | runs (s) | 1-min load before each run |",
+                  "|---|---|---:|---:|---:|---|---|"]
         for r in a["rows"]:
-            lines.append(f"| {r['runner']} | {r['cache']} | {r['seconds']:.1f} | {r['images_per_s']:.1f} | "
-                         f"{r['x_plain']:.2f} | {r['load_before'][0]:.1f} |")
+            lines.append(f"| {r['runner']} | {r['cache']} | {r['seconds']:.1f} | {r['images_per_s']:.1f} "
+                         f"({r['images_per_s_median']:.1f}) | {r['x_plain']:.2f} ({r['x_plain_median']:.2f}) | "
+                         f"{', '.join(f'{v:.1f}' for v in r['seconds_runs'])} | "
+                         f"{', '.join(f'{v:.1f}' for v in r['load_1min'])} |")
         lines.append("")
     if "b" in results:
         lines += ["## (b) SAM time per round, warm cache vs cold first round", "",
                   "`SamEngine.agreement` over the same images (embedding or cache read, prompts from the UNet's "
                   "masks, mask decoder, agreement columns); warm = the faster of two later rounds, each with a new "
-                  "engine. Random weights: the cost of the real architecture does not depend on them.", "",
+                  "engine. Random weights: the cost of the real architecture does not depend on them. Measured "
+                  + "; ".join(f"{b['model_type']} {b.get('date', '?')}" for b in results["b"]) + ".", "",
                   "| SAM | images | prompts/image | cold s | warm s | warm / cold | target | checkpoint sha256 s |",
                   "|---|---:|---:|---:|---:|---:|---|---:|"]
         for b in results["b"]:
@@ -315,7 +343,8 @@ def write_report(results: dict[str, Any]) -> None:
     if "c" in results:
         lines += ["## (c) Driver peak memory vs pool size", "",
                   "One cold SAM scoring pass (UNet + `tiny` SAM, 32x48 images, 1 actor, batch 64) per fresh process, "
-                  "after an 8-image warm-up pass; RSS sampled every 0.2 s from /proc/self/status.", "",
+                  "after an 8-image warm-up pass; RSS sampled every 0.2 s from /proc/self/status. Measured "
+                  f"{results['c'].get('date', '?')}.", "",
                   "| pool images | seconds | RSS before pass MiB | peak during pass MiB | growth MiB | VmHWM MiB |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for r in results["c"]["rows"]:
@@ -329,6 +358,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--pool-a", type=int, default=512, help="pool images for (a)")
+    parser.add_argument("--repeats-a", type=int, default=3, help="interleaved repeats for (a); the best is reported")
     parser.add_argument("--images-b", type=int, default=6, help="images for (b) with vit_b (~20 s each on CPU)")
     parser.add_argument("--sizes-c", type=int, nargs="+", default=[1000, 20000])
     parser.add_argument("--child-c", type=int, help=argparse.SUPPRESS)
@@ -354,7 +384,7 @@ def main() -> None:
         results["b"] = [part_b("tiny", 32), part_b("vit_b", args.images_b)]
         write_report(results)
     if "a" in args.parts:
-        results["a"] = part_a(args.pool_a, batch_size=16)
+        results["a"] = part_a(args.pool_a, batch_size=16, repeats=args.repeats_a)
         write_report(results)
     if "c" in args.parts:
         results["c"] = part_c(args.sizes_c)

@@ -6,6 +6,7 @@ resumes from the last finished phase and, with the same seed, ends with the same
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -853,7 +854,19 @@ class ActiveLearningLoop:
         lineage = [asdict(i) for i in self.store.lineage(label["revision"])]
         lineage_file = round_dir / "revision.json"
         atomic_write_json(lineage_file, {"revision": label["revision"], "parent": label["parent"], "lineage": lineage})
-        tracker.log_artifacts(child, [*artifacts.root, lineage_file])
+        extra = [lineage_file]
+        for key in ("quality_report",):  # which image properties relate to per-image val IoU
+            path = info["score"].get(key)
+            if path and Path(path).exists():
+                extra.append(Path(path))
+                columns = json.loads(Path(path).read_text())["columns"]
+                tracker.log(child, metrics={
+                    f"quality_mi_{name}": v["mutual_information"] for name, v in list(columns.items())[:10]
+                } | {f"quality_corr_{name}": v["pearson"] for name, v in list(columns.items())[:10]}, step=state.round)
+        queue = Path(self._round_dir(state)) / "relabel_queue.csv"
+        if queue.exists():
+            extra.append(queue)
+        tracker.log_artifacts(child, [*artifacts.root, *extra])
         tracker.log_artifacts(child, artifacts.figures, "figures")
         tracker.log_artifacts(child, artifacts.tables, "tables")
         tracker.finish(child)

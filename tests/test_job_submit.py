@@ -74,11 +74,17 @@ def head(tmp_path: Path):
 def test_ray_job_submit_runs_the_loop(head, tmp_path: Path) -> None:
     address, env = head
     workdir = tmp_path / "job-work"
-    out = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "shoal", "run", "--config", "configs/quickstart.yaml", "--workdir", str(workdir), *tiny_overrides()],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    deadline = time.monotonic() + 120
+    while True:
+        out = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "shoal", "run", "--config", "configs/quickstart.yaml", "--workdir", str(workdir), *tiny_overrides()],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )
+        # the head answers before its job agent is up: Ray says to try again later
+        if "No available agent" not in out.stdout + out.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in (out.stdout + out.stderr).lower()
 
