@@ -329,7 +329,9 @@ def write_report(results: dict[str, Any]) -> None:
         lines += ["## (b) SAM time per round, warm cache vs cold first round", "",
                   "`SamEngine.agreement` over the same images (embedding or cache read, prompts from the UNet's "
                   "masks, mask decoder, agreement columns); warm = the faster of two later rounds, each with a new "
-                  "engine. Random weights: the cost of the real architecture does not depend on them. Measured "
+                  "engine. Random weights: the cost of the real architecture does not depend on them. The target is "
+                  "for the real architectures, whose image encoder dominates; the `tiny` SAM's encoder costs about "
+                  "as much as its decoder, so there the cache saves little (shown for contrast). Measured "
                   + "; ".join(f"{b['model_type']} {b.get('date', '?')}" for b in results["b"]) + ".", "",
                   "| SAM | images | prompts/image | cold s | warm s | warm / cold | target | checkpoint sha256 s |",
                   "|---|---:|---:|---:|---:|---:|---|---:|"]
