@@ -78,6 +78,29 @@ class RoundResult:
         return float(sum(self.timings.values()))
 
 
+def train_spec(
+    cfg: Config, data: Any, output_dir: str, seed: int, init_checkpoint: str | None = None
+) -> Any:
+    """The ``workers.TrainSpec`` for ``cfg`` on ``data`` (class names, ignore index and the train
+    and val paths, weights and ids); shared by the loop's train phase and the training sweep."""
+    t = cfg.train
+    return workers.TrainSpec(
+        model_name=cfg.model.name, model_options=dict(cfg.model.options),
+        class_names=tuple(data["class_names"]), ignore_index=int(data["ignore_index"]),
+        image_size=cfg.data.image_size,
+        train_images=list(data["train_images"]), train_masks=list(data["train_masks"]),
+        train_weights=list(data["train_weights"]),
+        val_images=list(data["val_images"]), val_masks=list(data["val_masks"]),
+        epochs=t.epochs, samples_per_epoch=t.samples_per_epoch or len(data["train_images"]),
+        batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, seed=seed, output_dir=output_dir,
+        use_gpu=t.use_gpu, train_ids=list(data["train_ids"]), val_ids=list(data["val_ids"]),
+        loss=workers.LossSpec(**asdict(t.loss)), optimizer=t.optimizer, momentum=t.momentum,
+        schedule=t.schedule, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, amp=t.amp,
+        early_stopping_patience=t.early_stopping_patience, init_checkpoint=init_checkpoint,
+        augment=workers.AugmentSpec(**asdict(t.augment)),
+    )
+
+
 class ActiveLearningLoop:
     """Runs active-learning rounds for one experiment kept entirely under ``workdir``.
 
@@ -522,38 +545,15 @@ class ActiveLearningLoop:
         val = df[df[SPLIT] == VAL_SPLIT]
         classes = self._classes()
         round_dir = self._round_dir(state)
-        spec = workers.TrainSpec(
-            model_name=cfg.model.name,
-            model_options=dict(cfg.model.options),
-            class_names=tuple(classes.names),
-            ignore_index=classes.ignore_index,
-            image_size=cfg.data.image_size,
-            train_images=labeled[IMAGE_PATH].tolist(),
-            train_masks=labeled[MASK_PATH].tolist(),
-            train_weights=labeled[WEIGHT].astype(float).tolist(),
-            val_images=val[IMAGE_PATH].tolist(),
-            val_masks=val[MASK_PATH].tolist(),
-            epochs=cfg.train.epochs,
-            samples_per_epoch=cfg.train.samples_per_epoch or len(labeled),
-            batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            seed=cfg.experiment.seed * 1000 + state.round,
-            output_dir=str(round_dir),
-            use_gpu=cfg.train.use_gpu,
-            train_ids=labeled[SAMPLE_ID].tolist(),
-            val_ids=val[SAMPLE_ID].tolist(),
-            loss=workers.LossSpec(**asdict(cfg.train.loss)),
-            optimizer=cfg.train.optimizer,
-            momentum=cfg.train.momentum,
-            schedule=cfg.train.schedule,
-            warmup_steps=cfg.train.warmup_steps,
-            grad_clip=cfg.train.grad_clip,
-            amp=cfg.train.amp,
-            early_stopping_patience=cfg.train.early_stopping_patience,
-            init_checkpoint=self._init_checkpoint(state),
-            augment=workers.AugmentSpec(**asdict(cfg.train.augment)),
-        )
+        data = {
+            "class_names": tuple(classes.names), "ignore_index": classes.ignore_index,
+            "train_images": labeled[IMAGE_PATH].tolist(), "train_masks": labeled[MASK_PATH].tolist(),
+            "train_weights": labeled[WEIGHT].astype(float).tolist(), "train_ids": labeled[SAMPLE_ID].tolist(),
+            "val_images": val[IMAGE_PATH].tolist(), "val_masks": val[MASK_PATH].tolist(),
+            "val_ids": val[SAMPLE_ID].tolist(),
+        }
+        spec = train_spec(cfg, data, str(round_dir), seed=cfg.experiment.seed * 1000 + state.round,
+                          init_checkpoint=self._init_checkpoint(state))
         result = workers.train(
             spec,
             num_workers=cfg.train.num_workers,

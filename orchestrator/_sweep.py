@@ -45,6 +45,7 @@ from strategies import build_strategy
 
 from ._atomic import atomic_write, atomic_write_text
 from ._config import Config, _build, _parse_override, config_from_dict, load_config
+from ._loop import train_spec
 from ._table import IMAGE_PATH, LABELED, MASK_PATH, SAMPLE_ID, SPLIT, TRAIN_SPLIT, VAL_SPLIT, WEIGHT, TableStore
 
 log = logging.getLogger(__name__)
@@ -480,25 +481,6 @@ def fixed_labeled_set(base: Config, root: Path, labeled_from: str | None) -> dic
         "val_ids": val[SAMPLE_ID].tolist(), "val_images": val[IMAGE_PATH].tolist(), "val_masks": val[MASK_PATH].tolist(),
         "revision": state.revision, "workdir": str(loop.workdir),
     }
-
-
-def train_spec(cfg: Config, fixed: Mapping[str, Any], output_dir: str, seed: int) -> Any:
-    """The ``workers.TrainSpec`` of ``cfg`` on the fixed set; mirrors the loop's train phase."""
-    t = cfg.train
-    return workers.TrainSpec(
-        model_name=cfg.model.name, model_options=dict(cfg.model.options),
-        class_names=tuple(fixed["class_names"]), ignore_index=int(fixed["ignore_index"]),
-        image_size=cfg.data.image_size,
-        train_images=list(fixed["train_images"]), train_masks=list(fixed["train_masks"]),
-        train_weights=list(fixed["train_weights"]),
-        val_images=list(fixed["val_images"]), val_masks=list(fixed["val_masks"]),
-        epochs=t.epochs, samples_per_epoch=t.samples_per_epoch or len(fixed["train_images"]),
-        batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, seed=seed, output_dir=output_dir,
-        use_gpu=t.use_gpu, train_ids=list(fixed["train_ids"]), val_ids=list(fixed["val_ids"]),
-        loss=workers.LossSpec(**asdict(t.loss)), optimizer=t.optimizer, momentum=t.momentum,
-        schedule=t.schedule, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, amp=t.amp,
-        early_stopping_patience=t.early_stopping_patience, augment=workers.AugmentSpec(**asdict(t.augment)),
-    )
 
 
 def train_trial(config: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], threads: int = 1) -> None:
