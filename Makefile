@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/quickstart
 
-.PHONY: quickstart test lint install clean
+.PHONY: quickstart test test-slow lint install clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -q
+
+test-slow: install   # the tests marked slow (fault chains, 2-worker restarts); CI runs them after `make test`
+	$(BIN)/pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) runs

@@ -41,6 +41,11 @@ class DataConfig:
     val_dir: str | None = None
     image_size: tuple[int, int] = (96, 128)
     """(height, width) that images and masks are resized to inside the workers."""
+    skip_unreadable: bool = False
+    """Every train (pool) image is decoded once when the experiment starts. An unreadable one
+    (corrupt, truncated, empty): ``false`` refuses to start, naming the file; ``true`` logs it and
+    leaves it out of the sample table (never scored, never selected), listed with the reason in
+    ``<workdir>/unreadable.csv``, which every round's MLflow run carries as an artifact."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -112,6 +117,10 @@ class TrainConfig:
     """Ray Train workers (DDP ranks). 0 runs the training function in the driver process."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    max_failures: int = 2
+    """Restarts of the Ray Train workers after one dies (a killed process, a lost node); each
+    restart resumes from the last epoch's checkpoint. 0 = fail at once; no effect with
+    ``num_workers: 0``."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = 0.9
     """SGD momentum (``optimizer: sgd`` only)."""
@@ -142,6 +151,57 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class StoppingConfig:
+    """Extra stopping criteria, checked after every round (``loop.rounds`` and an exhausted pool
+    always stop); None turns one off."""
+
+    total_budget: int | None = None
+    """Stop once this many train samples are labeled (the initial set included)."""
+    plateau_rounds: int | None = None
+    """Stop when the best val mIoU of the last ``plateau_rounds`` rounds beats the best before them
+    by less than ``min_delta``."""
+    min_delta: float = 0.005
+    """mIoU gain (0..1 units) the plateau criterion counts as progress."""
+    uncertainty_threshold: float | None = None
+    """Stop when the pool's mean pixel entropy (``entropy_mean`` averaged over the unlabeled pool,
+    nats) falls below this."""
+
+    def __post_init__(self) -> None:
+        for key in ("total_budget", "plateau_rounds"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"loop.stopping.{key}: must be >= 1 or null, got {value}")
+        if not (self.min_delta >= 0):
+            raise ValueError(f"loop.stopping.min_delta: must be >= 0, got {self.min_delta}")
+
+
+@dataclass(frozen=True)
+class ReweightingConfig:
+    """Training weights of the labeled set, recomputed before every round's training."""
+
+    policy: str = "uniform"
+    """``uniform``, ``loss`` (the previous round's per-sample loss plus an offset, max/min ratio
+    capped) or ``class_content`` (images holding a rare class weigh its inverse frequency, capped).
+    The policy's weight multiplies the table's weight, so ``shoal edit`` weights and exclusions hold."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options of the policy (``loss``: offset, max_ratio; ``class_content``: max_ratio, min_share)."""
+    override_file: str | None = None
+    """A CSV of ``sample_id,weight`` applied last (0 = kept in the table, never drawn for training)."""
+
+    def __post_init__(self) -> None:
+        from strategies import reweighting_names, reweighting_options
+
+        if self.policy not in reweighting_names():
+            raise ValueError(f"loop.reweighting.policy: unknown policy '{self.policy}'; "
+                             f"valid: {', '.join(reweighting_names())}")
+        unknown = sorted(set(self.options) - set(reweighting_options(self.policy)))
+        if unknown:
+            valid = ", ".join(sorted(reweighting_options(self.policy))) or "none"
+            raise ValueError(f"loop.reweighting.options: policy '{self.policy}' has no option '{unknown[0]}'; "
+                             f"valid: {valid}")
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     strategy: str = "entropy"
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -152,6 +212,81 @@ class LoopConfig:
     """Samples labeled per round."""
     rounds: int = 3
     """Rounds to run; each trains, scores the pool, selects ``budget`` samples and labels them."""
+    initial_strategy: Literal["random", "cold_start"] = "random"
+    """How the initial set is chosen before any model exists: at random, or ``cold_start``: spread
+    over the pool by cheap colour features (greedy k-center), computed in a Ray Data pass."""
+    reweighting: ReweightingConfig = field(default_factory=ReweightingConfig)
+    stopping: StoppingConfig = field(default_factory=StoppingConfig)
+    unit: Literal["image", "region"] = "image"
+    """What a round labels: whole ``image``s (``budget`` images per round, an image strategy) or
+    ``region``s (superpixels, grid cells or SAM masks; ``regions.budget_clicks`` clicks per round, a
+    region strategy: region_random, region_uncertainty, region_class_balanced). The initial set
+    is whole images either way (the same images for the same seed)."""
+
+
+@dataclass(frozen=True)
+class RegionsConfig:
+    """Region-level acquisition (``loop.unit: region``): how images are cut into regions, where
+    the region maps are cached and how many clicks a round may spend. The parameters are those of
+    ``workers.RegionSpec``; maps are made at ``data.image_size``."""
+
+    method: Literal["slic", "sam", "grid"] = "slic"
+    """``slic`` superpixels, ``sam`` automatic masks (needs ``sam.enabled``) or ``grid`` cells."""
+    min_region_px: int = 16
+    """Pieces smaller than this (pixels at data.image_size) join the nearest larger region."""
+    n_segments: int = 300
+    """slic: the approximate number of superpixels per image."""
+    compactness: float = 10.0
+    """slic: colour against space; higher = squarer superpixels."""
+    sigma: float = 0.0
+    """slic: Gaussian smoothing (pixels) before clustering."""
+    cell_px: int = 32
+    """grid: the side of a cell, in pixels."""
+    points_per_side: int = 16
+    """sam: a points_per_side x points_per_side grid of point prompts."""
+    points_per_batch: int = 64
+    """sam: point prompts per mask-decoder call."""
+    pred_iou_thresh: float = 0.88
+    """sam: masks SAM rates below this predicted IoU are dropped."""
+    stability_score_thresh: float = 0.95
+    """sam: masks less stable than this are dropped."""
+    box_nms_thresh: float = 0.7
+    """sam: box IoU above which overlapping masks are suppressed."""
+    cache_uri: str | None = None
+    """Where region maps are kept across rounds, keyed by image content and the method's
+    parameters: a directory or a pyarrow filesystem URI; null = ``<workdir>/region_cache``."""
+    budget_clicks: float | None = None
+    """Annotator clicks to spend per round (required with ``loop.unit: region``). Round r may
+    spend ``budget_clicks * r`` minus the clicks spent since the initial set, so a round that cost
+    more or less than estimated is evened out by the next."""
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """The annotation cost model in clicks (``strategies.CostModel``), shared by image-level and
+    region-level runs so both are compared on the same axis: a region costs ``clicks_per_region``
+    (plus polygons when mixed); a whole image its polygons."""
+
+    clicks_per_region: float = 1.0
+    """One region labeled with its dominant class."""
+    clicks_per_vertex: float = 1.0
+    """One polygon vertex."""
+    clicks_per_object: float = 0.0
+    """Extra clicks per polygon (e.g. choosing its class from a list)."""
+    polygon_tolerance_px: float = 1.0
+    """The largest distance, in pixels, of an object's outline from its polygon."""
+    purity_threshold: float = 0.9
+    """A region whose dominant class covers less than this share of its pixels is drawn in full;
+    0 = dominant labeling only (every region costs one click)."""
+
+    def __post_init__(self) -> None:
+        from strategies import CostModel
+
+        for f in dataclasses.fields(self):  # CostModel checks each value; name the key that failed
+            try:
+                CostModel(**{f.name: getattr(self, f.name)})
+            except ValueError as exc:
+                raise ValueError(f"cost.{f.name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -163,6 +298,12 @@ class ReviewConfig:
     relabel_top_k: int = 0
     """After each round's scoring, send the k labeled samples with the highest label-issue score
     back to the oracle for relabeling (0 = off)."""
+    simulate_relabel: bool = False
+    """With the ``simulated`` oracle (benchmarks): answer the relabel requests at the end of each
+    round's labeling, so later rounds train on the corrected masks. Every labeled sample flagged
+    ``needs_relabel`` (the round's relabel queue and ``shoal edit --relabel``) gets the ground-truth
+    mask the dataset came with (its ``mask_path`` in the experiment's first table revision) back, in
+    one new revision commented ``relabel: ...``. Ignored by the people oracles."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +442,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     sam: SamConfig = field(default_factory=SamConfig)
+    regions: RegionsConfig = field(default_factory=RegionsConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -329,7 +472,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "train.num_workers", "train.lr", "train.weight_decay", "score.gpus_per_actor", "train.momentum",
     "train.warmup_steps", "train.loss.pixel_weight", "train.loss.dice_weight", "train.loss.focal_gamma",
-    "train.loss.ohem_anneal_steps", "train.augment.color_jitter",
+    "train.loss.ohem_anneal_steps", "train.augment.color_jitter", "train.max_failures",
 }
 
 
@@ -428,13 +571,50 @@ def _validate(cfg: Config) -> None:
     if cfg.train.samples_per_epoch is not None and cfg.train.samples_per_epoch <= 0:
         raise ValueError("train.samples_per_epoch: must be positive or null")
     _validate_train(cfg.train)
-    from strategies import strategy_names
+    from strategies import region_strategy_names, strategy_names
 
-    if cfg.loop.strategy not in strategy_names():
+    if cfg.loop.unit == "region":
+        _validate_regions(cfg)
+    elif cfg.loop.strategy in region_strategy_names():
+        raise ValueError(
+            f"loop.strategy: '{cfg.loop.strategy}' selects regions; set loop.unit: region, or choose an image "
+            f"strategy: {', '.join(strategy_names())}"
+        )
+    elif cfg.loop.strategy not in strategy_names():
         raise ValueError(
             f"loop.strategy: unknown strategy '{cfg.loop.strategy}'; "
             f"registered: {', '.join(strategy_names())}"
         )
+
+
+def _validate_regions(cfg: Config) -> None:
+    """``loop.unit: region``: a region strategy, a click budget, a simulated oracle, valid regions."""
+    from strategies import build_region_strategy, region_strategy_names
+
+    if cfg.loop.strategy not in region_strategy_names():
+        raise ValueError(
+            f"loop.strategy: '{cfg.loop.strategy}' is not a region strategy; with loop.unit: region choose one of "
+            f"{', '.join(region_strategy_names())}"
+        )
+    try:
+        build_region_strategy(cfg.loop.strategy, **cfg.loop.strategy_options)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"loop.strategy_options: {exc}") from None
+    budget = cfg.regions.budget_clicks
+    if budget is None or not budget > 0 or budget == float("inf"):
+        raise ValueError(f"regions.budget_clicks: required with loop.unit: region, a positive number of clicks "
+                         f"per round; got {budget!r}")
+    if cfg.oracle.kind != "simulated":
+        raise ValueError(f"oracle.kind: '{cfg.oracle.kind}': loop.unit: region supports oracle.kind simulated for now")
+    if cfg.review.simulate_relabel:
+        raise ValueError("review.simulate_relabel: not supported with loop.unit: region (it would replace partial "
+                         "masks with whole ones)")
+    if cfg.regions.method == "sam" and not cfg.sam.enabled:
+        raise ValueError("regions.method: 'sam' needs sam.enabled: true and sam.checkpoint (SAM's weights)")
+    from workers import RegionSpec  # checks every field's range, naming it (regions.<field>)
+
+    fields = {f.name for f in dataclasses.fields(RegionSpec)} - {"image_size"}
+    RegionSpec(image_size=cfg.data.image_size, **{k: v for k, v in dataclasses.asdict(cfg.regions).items() if k in fields})
 
 
 def _validate_train(t: TrainConfig) -> None:

@@ -6,8 +6,10 @@ resumes from the last finished phase and, with the same seed, ends with the same
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -23,6 +25,8 @@ import yaml
 import workers
 from strategies import build_strategy, columns
 
+from . import _faults
+from . import _regions as regions
 from ._atomic import atomic_write, atomic_write_json, atomic_write_text
 from ._config import Config, config_from_dict
 from ._labeling import export_folder_tasks, mask_digest, read_answers, read_manifest, task_name
@@ -44,6 +48,8 @@ from ._table import (
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
+UNREADABLE_FILE = "unreadable.csv"
+"""Train images left out because they do not decode (``data.skip_unreadable``): sample_id, image_path, error."""
 TRAIN_SIGNALS_FILE = "train_signals.parquet"
 VAL_PER_IMAGE_FILE = "val_per_image.parquet"
 # Per-sample training signals of the round's model, written into the round's table revision.
@@ -117,6 +123,9 @@ class ActiveLearningLoop:
         snapshot = self.workdir / CONFIG_FILE
         if (self.workdir / STATE_FILE).exists():
             saved = yaml.safe_load(snapshot.read_text()) if snapshot.exists() else None
+            if isinstance(saved, dict):  # settings added since the experiment started keep their defaults
+                with contextlib.suppress(ValueError, TypeError):
+                    saved = config_from_dict(saved).to_dict()
             if saved != config.to_dict():
                 raise ValueError(
                     f"{self.workdir} holds an experiment with a different config; "
@@ -169,6 +178,7 @@ class ActiveLearningLoop:
             phase = state.next_phase()
             assert phase is not None
             t0 = time.perf_counter()
+            _faults.checkpoint(f"{phase}:before")
             info = getattr(self, f"_phase_{phase}")(state)
             if info is None:  # waiting for people: this process has nothing more to do
                 state.save(self.workdir)
@@ -178,6 +188,7 @@ class ActiveLearningLoop:
             state.phase = phase
             if phase == "track":
                 self._finish_round(state)
+            _faults.checkpoint(f"{phase}:after")
             state.save(self.workdir)
         return RoundResult(**state.history[-1])
 
@@ -288,6 +299,7 @@ class ActiveLearningLoop:
                 label_studio=self.config.oracle.kind == "label-studio",
                 image_root_url=self.config.oracle.image_root_url,
             )
+            _faults.checkpoint("label:inside")  # task folder exported, request not yet recorded
             state.round_info["label_request"] = {
                 "task_dir": str(task_dir), "requested": selected, "received": {}, "revision": None, "imports": [],
             }
@@ -344,6 +356,7 @@ class ActiveLearningLoop:
                 png: bytes = cv2.imencode(".png", a.mask)[1].tobytes()
                 atomic_write(path, partial(Path.write_bytes, data=png))
             paths[a.sample_id] = str(path)
+        _faults.checkpoint("import:inside")  # mask files written, no revision yet
         idx = df[SAMPLE_ID].isin(paths)
         df.loc[idx, MASK_PATH] = df.loc[idx, SAMPLE_ID].map(paths)
         if relabel:
@@ -352,9 +365,10 @@ class ActiveLearningLoop:
             df.loc[idx, LABELED] = True
             df.loc[idx, ROUND_LABELED] = state.round
             df.loc[idx, WEIGHT] = df.loc[idx, WEIGHT].where(df.loc[idx, WEIGHT] > 0, 1.0)
+            df = regions.charge_images(df, idx, classes, self.config)  # what drawing these masks costs, in clicks
         what = "relabel" if relabel else "labels"
-        rev = self.store.write(df, parent=base, round=state.round,
-                               comment=f"import {what}: {len(new)} masks from {source}")
+        rev = self._unrecorded_revision(base, df) or self.store.write(
+            df, parent=base, round=state.round, comment=f"import {what}: {len(new)} masks from {source}")
         report["revision"] = rev
         if request is not None:
             if not relabel:
@@ -363,8 +377,17 @@ class ActiveLearningLoop:
             request["revision"] = rev
         else:
             state.revision = rev
+        _faults.checkpoint("import:after")  # revision written, state not saved
         state.save(self.workdir)
         return report
+
+    def _unrecorded_revision(self, parent: str, df: pd.DataFrame) -> str | None:
+        """The newest revision if a call killed before saving the state wrote exactly ``df`` on
+        ``parent`` (no state names a child of ``parent``): a retry reuses it rather than fork the lineage."""
+        latest = self.store.revisions()[-1]
+        if latest == parent or self.store.info(latest).parent != parent:
+            return None
+        return latest if self.store.read(latest).equals(df.reset_index(drop=True)) else None
 
     def edit(self, *, weights: dict[str, float] | None = None, exclude: dict[str, bool] | None = None,
              relabel: list[str] | None = None, comment: str) -> str:
@@ -443,30 +466,53 @@ class ActiveLearningLoop:
             raise ValueError(
                 f"loop.initial_labeled: {cfg.loop.initial_labeled} exceeds the {n_train} train samples"
             )
-        if cfg.loop.budget > n_train - cfg.loop.initial_labeled:
+        if cfg.loop.unit == "image" and cfg.loop.budget > n_train - cfg.loop.initial_labeled:
             raise ValueError(
                 f"loop.budget: {cfg.loop.budget} samples per round exceeds the "
                 f"{n_train - cfg.loop.initial_labeled} unlabeled samples left after the initial set"
             )
         if (table[SPLIT] == VAL_SPLIT).sum() == 0:
             raise ValueError("the validation split is empty: data.val_dir (or data.synthetic.num_val)")
-        train_ids = np.sort(table.loc[table[SPLIT] == TRAIN_SPLIT, SAMPLE_ID].to_numpy())
-        rng = np.random.default_rng([cfg.experiment.seed, 0])
-        initial = set(rng.choice(train_ids, size=cfg.loop.initial_labeled, replace=False).tolist())
+        initial = self._initial_set(table)
         chosen = table[SAMPLE_ID].isin(initial)
         self._check_masks(table[chosen | (table[SPLIT] == VAL_SPLIT)], classes)
         table.loc[chosen, LABELED] = True
         table.loc[chosen, ROUND_LABELED] = 0
         table.loc[chosen, WEIGHT] = 1.0
+        table = regions.prepare_table(table, chosen, classes, cfg)  # clicks of the initial set; region columns
         atomic_write_text(self.workdir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         atomic_write_json(self.workdir / "classes.json", {"classes": list(classes.names), "ignore_index": classes.ignore_index})
+        self._write_unreadable()
+        how = "random" if cfg.loop.initial_strategy == "random" else "cold-start (colour features, k-center)"
         rev = self.store.write(
-            table, parent=None, round=0, comment=f"initial: {len(initial)} random samples labeled"
+            table, parent=None, round=0, comment=f"initial: {len(initial)} {how} samples labeled"
         )
         state = State(experiment_uid=uuid.uuid4().hex, revision=rev)
         state.save(self.workdir)
         self.state = state
         return state
+
+    def _initial_set(self, table: pd.DataFrame) -> set[str]:
+        """The ids labeled before round 1: at random, or spread over cheap colour features
+        (``loop.initial_strategy: cold_start``, features computed in a Ray Data pass and kept in
+        the table as ``feat_*`` columns)."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.experiment.seed, 0])
+        train_ids = np.sort(table.loc[table[SPLIT] == TRAIN_SPLIT, SAMPLE_ID].to_numpy())
+        if cfg.loop.initial_strategy == "random":
+            return set(rng.choice(train_ids, size=cfg.loop.initial_labeled, replace=False).tolist())
+        self._ray()
+        train = table[table[SPLIT] == TRAIN_SPLIT]
+        images = self.workdir / "rounds" / "round-000" / "images.parquet"
+        images.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(images, lambda p: train[[SAMPLE_ID, IMAGE_PATH]].to_parquet(p, index=False))
+        result = workers.compute_features(str(images), str(images.parent / "features"), cpus_per_task=cfg.score.cpus_per_actor)
+        features = workers.read_scores(result["features_dir"])
+        for name in workers.FEATURE_COLUMNS:
+            table[name] = table[SAMPLE_ID].map(features.set_index(SAMPLE_ID)[name])
+        rows = table.loc[table[SPLIT] == TRAIN_SPLIT, [SAMPLE_ID, *workers.FEATURE_COLUMNS]].assign(**{LABELED: False})
+        picked = build_strategy("cold_start").select(rows, cfg.loop.initial_labeled, rng)
+        return set(picked)
 
     def _build_table(self) -> tuple[pd.DataFrame, Any]:
         cfg = self.config.data
@@ -494,11 +540,47 @@ class ActiveLearningLoop:
                     ROUND_LABELED: -1,
                     **{f"{META_PREFIX}{k}": v for k, v in r.metadata.items()},
                 })
+        rows = self._without_unreadable(rows)
         if not any(r[SPLIT] == TRAIN_SPLIT for r in rows):
             raise ValueError("the train split is empty: data.train_dir (or data.synthetic.num_train)")
         table = pd.DataFrame(rows)
         table[ROUND_LABELED] = table[ROUND_LABELED].astype("int64")
         return table, classes
+
+    def _without_unreadable(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` less the train (pool) images that do not decode, with ``data.skip_unreadable``
+        (kept for :meth:`_write_unreadable`); without it the first one is an error naming the file.
+        Decoded once, in threads (OpenCV releases the GIL); only the error strings are kept."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def problem(path: str) -> str | None:
+            try:
+                workers.load_image(path)
+            except (ValueError, OSError) as exc:  # corrupt, truncated, empty, missing
+                return str(exc)
+            return None
+
+        train = [r for r in rows if r[SPLIT] == TRAIN_SPLIT]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(problem, [str(r[IMAGE_PATH]) for r in train]))
+        bad = [(r, p) for r, p in zip(train, problems) if p is not None]
+        self._unreadable = pd.DataFrame({SAMPLE_ID: [r[SAMPLE_ID] for r, _ in bad],
+                                         IMAGE_PATH: [r[IMAGE_PATH] for r, _ in bad], "error": [p for _, p in bad]})
+        if not bad:
+            return rows
+        if not self.config.data.skip_unreadable:
+            more = f" (and {len(bad) - 1} more unreadable train images)" if len(bad) > 1 else ""
+            raise ValueError(f"{bad[0][1]}{more}; set data.skip_unreadable: true to leave unreadable pool images out")
+        for r, p in bad:
+            log.warning("data.skip_unreadable: pool image %s left out: %s", r[SAMPLE_ID], p)
+        skipped = {r[SAMPLE_ID] for r, _ in bad}
+        return [r for r in rows if r[SPLIT] != TRAIN_SPLIT or r[SAMPLE_ID] not in skipped]
+
+    def _write_unreadable(self) -> None:
+        """``<workdir>/unreadable.csv`` when :meth:`_without_unreadable` left images out."""
+        unreadable = getattr(self, "_unreadable", None)
+        if unreadable is not None and len(unreadable):
+            atomic_write(self.workdir / UNREADABLE_FILE, lambda p: unreadable.to_csv(p, index=False))
 
     @staticmethod
     def _check_masks(rows: pd.DataFrame, classes: Any) -> None:
@@ -541,10 +623,12 @@ class ActiveLearningLoop:
         cfg = self.config
         self._ray()
         df = self.store.read(state.revision)
+        round_dir = self._round_dir(state)
+        weights, weights_info = self._training_weights(state, df, round_dir)
+        df = df.assign(**{WEIGHT: df[SAMPLE_ID].map(weights).fillna(0.0).astype(float)})
         labeled = df[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED] & (df[WEIGHT] > 0)]
         val = df[df[SPLIT] == VAL_SPLIT]
         classes = self._classes()
-        round_dir = self._round_dir(state)
         data = {
             "class_names": tuple(classes.names), "ignore_index": classes.ignore_index,
             "train_images": labeled[IMAGE_PATH].tolist(), "train_masks": labeled[MASK_PATH].tolist(),
@@ -558,9 +642,11 @@ class ActiveLearningLoop:
             spec,
             num_workers=cfg.train.num_workers,
             cpus_per_worker=cfg.train.cpus_per_worker,
+            max_failures=cfg.train.max_failures,
             storage_path=str(self.workdir / "ray_train"),
             run_name=f"round-{state.round:03d}-{uuid.uuid4().hex[:6]}",
         )
+        _faults.checkpoint("train:inside")  # trained (model.pt written), per-sample tables not yet
         # The per-sample tables go to files in the round dir; the state file keeps their paths.
         signals = pd.DataFrame({SAMPLE_ID: result.train_ids, TRAIN_LOSS: result.train_loss, TRAIN_IOU: result.train_iou})
         signals_file = round_dir / TRAIN_SIGNALS_FILE
@@ -575,7 +661,60 @@ class ActiveLearningLoop:
         info["val_per_image_file"] = str(per_image_file)
         info["trained_on"] = len(labeled)
         info["seconds"] = result.train_seconds
+        info["weights"] = weights_info
         return info
+
+    def _training_weights(self, state: State, df: pd.DataFrame, round_dir: Path) -> tuple[pd.Series, dict[str, Any]]:
+        """The weights this round trains with, by labeled train sample id, and a summary.
+
+        The table's weight (1 when labeled, set by ``shoal edit``; 0 = excluded) times the
+        ``loop.reweighting`` policy's weight, computed from the parent revision (which holds the
+        previous round's per-sample loss and class shares), then the override file, applied last.
+        Round 1 has no previous round: its policy weight is uniform. Written to the round dir.
+        """
+        from strategies import compute_weights, manual_override
+
+        rw = self.config.loop.reweighting
+        rows = df[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED]]
+        base = pd.Series(rows[WEIGHT].astype(float).to_numpy(), index=pd.Index(rows[SAMPLE_ID], name=SAMPLE_ID))
+        policy = rw.policy if state.round > 1 else "uniform"
+        factor = compute_weights(policy, rows, **(rw.options if policy == rw.policy else {}))
+        weights = base * factor.reindex(base.index).fillna(1.0)
+        if rw.override_file:
+            weights = manual_override(weights, self._weight_overrides(rw.override_file))
+        elif len(weights) and not (weights > 0).any():
+            raise ValueError("every labeled sample has weight 0: nothing to train on (see shoal edit --weights)")
+        path = round_dir / "train_weights.csv"
+        table = weights.rename(WEIGHT).reset_index()
+        atomic_write(path, lambda p: table.to_csv(p, index=False))
+        positive = weights[weights > 0]
+        low = float(positive.min()) if len(positive) else float("nan")
+        high = float(positive.max()) if len(positive) else float("nan")
+        info = {"policy": policy, "file": str(path), "override_file": rw.override_file,
+                "trained": int(len(positive)), "zero": int((weights == 0).sum()),
+                "min": low, "max": high, "max_min_ratio": high / low}
+        return weights, info
+
+    @staticmethod
+    def _weight_overrides(path: str) -> dict[str, float]:
+        """``sample_id,weight`` rows of ``loop.reweighting.override_file``; a bad row is an error naming it."""
+        try:
+            table = pd.read_csv(path, dtype={SAMPLE_ID: str})
+        except FileNotFoundError:
+            raise FileNotFoundError(f"loop.reweighting.override_file: {path} does not exist") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise ValueError(f"loop.reweighting.override_file: {path} is not a CSV ({exc})") from None
+        if list(table.columns[:2]) != [SAMPLE_ID, WEIGHT]:
+            raise ValueError(f"{path}: expected the header sample_id,weight, got {','.join(map(str, table.columns))}")
+        duplicated = table[SAMPLE_ID][table[SAMPLE_ID].duplicated()]
+        if len(duplicated):
+            raise ValueError(f"{path}: sample_id {duplicated.iloc[0]!r} appears more than once")
+        values = pd.to_numeric(table[WEIGHT], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.fillna(0.0))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(f"{path} row {row + 2}: weight {table[WEIGHT].iloc[row]!r} is not a finite number")
+        return dict(zip(table[SAMPLE_ID], values.astype(float)))
 
     def _init_checkpoint(self, state: State) -> str | None:
         """The previous round's best checkpoint when ``train.init`` is ``previous`` (not in round 1)."""
@@ -601,9 +740,11 @@ class ActiveLearningLoop:
 
     def _strategy(self) -> Any:
         """The configured strategy, checked against what the scorer writes today."""
+        if regions.is_region_run(self.config):
+            return regions.region_strategy(self.config)
         strategy = build_strategy(self.config.loop.strategy, **self.config.loop.strategy_options)
         needs = strategy.requirements()
-        written = set(workers.SCORED_COLUMNS)
+        written = set(workers.SCORED_COLUMNS) | set(workers.CLASSWEIGHTED_COLUMNS)
         prefixes = {columns.CLASS_FRACTION_PREFIX}
         if any(map(columns.is_sam_column, needs.columns | needs.column_prefixes)):
             if not self.config.sam.enabled:
@@ -616,8 +757,6 @@ class ActiveLearningLoop:
         if needs.mc_dropout_passes:  # the extended scoring pass runs them
             written.add(columns.BALD_MEAN)
         missing = sorted(needs.columns - written) + sorted(needs.column_prefixes - prefixes)
-        if needs.embeddings:
-            missing.append("pooled encoder embeddings")
         if missing:
             raise ValueError(
                 f"loop.strategy: '{self.config.loop.strategy}' needs {', '.join(missing)}, which the pool "
@@ -629,6 +768,8 @@ class ActiveLearningLoop:
         """One Ray Data pass over the pool (uncertainty) and, with ``review.enabled``, over the
         labeled and validation images too (label review, quality and object columns)."""
         cfg = self.config
+        if regions.is_region_run(cfg):  # every region of the open pool instead
+            return regions.score(self, state)
         needs = self._strategy().requirements()
         review = cfg.review.enabled
         # SAM: the decoder is fine-tuned first (it serves this round's agreement and pre-annotations).
@@ -666,12 +807,13 @@ class ActiveLearningLoop:
         })
         # Strategies that need SAM or MC dropout get the extended pass (the same columns and more).
         score: Any = workers.score_pool
-        if reads_sam or needs.mc_dropout_passes:
+        round_dir = self._round_dir(state)
+        if reads_sam or needs.mc_dropout_passes or needs.embeddings:
             batch[workers.POOL_FLAG] = is_pool[rows.index].to_numpy()
             score = partial(workers.score_pool_pass, spec=workers.PassSpec(
                 sam=sam if reads_sam else None, sam_checkpoint_id=sam.checkpoint_id() if reads_sam and sam else None,
-                sam_decoder=sam_info.get("sam_decoder"), mc_dropout_passes=needs.mc_dropout_passes, seed=cfg.experiment.seed))
-        round_dir = self._round_dir(state)
+                sam_decoder=sam_info.get("sam_decoder"), mc_dropout_passes=needs.mc_dropout_passes, seed=cfg.experiment.seed,
+                embeddings_dir=str(round_dir / "embeddings") if needs.embeddings else None))
         pool_file = round_dir / "pool.parquet"
         atomic_write(pool_file, lambda p: batch.to_parquet(p, index=False))
         classes = self._classes()
@@ -686,11 +828,17 @@ class ActiveLearningLoop:
             gpus_per_actor=cfg.score.gpus_per_actor,
             class_names=tuple(classes.names),
             ignore_index=classes.ignore_index,
+            # the classweighted aggregation weighs pixels by the rarity of their class in the labeled set
+            labeled_class_shares=tuple(state.round_info["train"].get("class_pixel_frequency") or ()) or None,
         )
+        _faults.checkpoint("score:inside")  # scores written, review reports not yet
         if result.num_scored != len(batch):
             raise RuntimeError(f"scoring returned {result.num_scored} rows for {len(batch)} images")
         info = {**asdict(result), **sam_info}
         info["seconds"] = result.seconds + float(sam_info.get("sam_finetune", {}).get("seconds", 0.0))
+        pool_scores = workers.read_scores(result.scores_dir)
+        pool_scores = pool_scores[pool_scores[SAMPLE_ID].isin(set(df.loc[is_pool, SAMPLE_ID]))]
+        info["pool_uncertainty_mean"] = float(pool_scores[columns.ENTROPY_MEAN].mean()) if len(pool_scores) else None
         if review:
             info["quality_report"] = self._quality_report(state, Path(result.scores_dir), df)
             info["relabel_queue"] = self._relabel_queue(state, Path(result.scores_dir), df)
@@ -698,7 +846,8 @@ class ActiveLearningLoop:
 
     def _relabel_queue(self, state: State, scores_dir: Path, df: pd.DataFrame) -> list[str]:
         """The ``review.relabel_top_k`` labeled samples most likely mislabeled, highest first; a task
-        folder for people when the oracle is interactive."""
+        folder for people when the oracle is interactive (with ``review.simulate_relabel`` the
+        simulated oracle answers the queue in the label phase)."""
         k = self.config.review.relabel_top_k
         if k <= 0:
             return []
@@ -757,53 +906,103 @@ class ActiveLearningLoop:
         return df
 
     def _candidates(self, state: State) -> pd.DataFrame:
+        """The train rows with this round's scores: the unlabeled pool to select from and, flagged
+        ``labeled``, the labeled rows (context for diversity and class balance); excluded samples
+        are neither."""
         df = self.store.read(state.revision)
-        pool = df.loc[(df[SPLIT] == TRAIN_SPLIT) & ~df[LABELED], [SAMPLE_ID]]
+        keep = df[SPLIT] == TRAIN_SPLIT
+        if "excluded" in df.columns:
+            keep &= ~df["excluded"].fillna(False).astype(bool)
+        table = df.loc[keep, [SAMPLE_ID, LABELED]].reset_index(drop=True)
+        table[LABELED] = table[LABELED].astype(bool)
         scores = self._scores(state)
         if scores is None:
-            return pool
-        return pool.merge(scores, on=SAMPLE_ID, how="left", validate="one_to_one")
+            return table
+        return table.merge(scores, on=SAMPLE_ID, how="left", validate="one_to_one")
+
+    def _embeddings(self, state: State, table: pd.DataFrame) -> np.ndarray | None:
+        """The pooled encoder embeddings of ``table``'s rows, when the strategy declared them."""
+        path = state.round_info["score"].get("embeddings_dir")
+        if not self._strategy().requirements().embeddings or not path:
+            return None
+        return workers.read_embeddings(path, table[SAMPLE_ID].tolist())
 
     def _phase_select(self, state: State) -> dict[str, Any]:
         cfg = self.config
+        if regions.is_region_run(cfg):  # regions under a click budget
+            return regions.select(self, state)
         t0 = time.perf_counter()
-        candidates = self._candidates(state)
+        table = self._candidates(state)
         strategy = self._strategy()
-        budget = min(cfg.loop.budget, len(candidates))
+        budget = min(cfg.loop.budget, int((~table[LABELED]).sum()))
         rng = np.random.default_rng([cfg.experiment.seed, state.round, 1])
-        selected = strategy.select(candidates, budget, rng)
+        selected = strategy.select(table, budget, rng, self._embeddings(state, table))
         seconds = time.perf_counter() - t0
+        candidates = table[~table[LABELED]].drop(columns=[LABELED])
         chosen = candidates.set_index(SAMPLE_ID).loc[selected].reset_index()
         chosen.insert(0, "rank", np.arange(1, len(chosen) + 1))
         path = self._round_dir(state) / "selection.csv"
         atomic_write(path, lambda p: chosen.to_csv(p, index=False))
+        _faults.checkpoint("select:inside")  # selection.csv written
         return {"selected": selected, "selection_file": str(path), "seconds": seconds}
 
     def _phase_label(self, state: State) -> dict[str, Any] | None:
         cfg = self.config
+        if regions.is_region_run(cfg):  # the simulated region oracle and partial masks
+            return regions.label(self, state)
         selected = state.round_info["select"]["selected"]
         if build_oracle(cfg.oracle.kind).interactive:
             return self._human_label(state)
-        latest = self.store.revisions()[-1]
-        latest_info = self.store.info(latest)
+        latest_info = self.store.info(self.store.revisions()[-1])
         parent = state.revision
-        if latest_info.parent == parent and latest_info.round == state.round:
-            # Written by this phase before an interruption: reuse it rather than fork the lineage.
-            return {"revision": latest, "parent": parent, "added": selected}
-        df = self.store.read(parent)
         oracle = build_oracle(cfg.oracle.kind)
-        masks = oracle.label(df, selected)
-        df = self._with_train_signals(self._with_scores(df, state), state)
-        idx = df[SAMPLE_ID].isin(selected)
-        df.loc[idx, LABELED] = True
-        df.loc[idx, ROUND_LABELED] = state.round
-        df.loc[idx, WEIGHT] = 1.0
-        df.loc[idx, MASK_PATH] = df.loc[idx, SAMPLE_ID].map(masks)
-        rev = self.store.write(
-            df, parent=parent, round=state.round,
-            comment=f"round {state.round}: +{len(selected)} by {cfg.loop.strategy}",
-        )
-        return {"revision": rev, "parent": parent, "added": selected}
+        # Written by this phase before an interruption (the labels, then maybe the relabel answers):
+        # reuse them rather than fork the lineage.
+        answered = None
+        if latest_info.round == state.round and latest_info.comment.startswith("relabel:") and latest_info.parent:
+            answered, latest_info = latest_info.id, self.store.info(latest_info.parent)
+        if latest_info.parent == parent and latest_info.round == state.round:
+            rev = latest_info.id
+        else:
+            answered = None
+            df = self.store.read(parent)
+            masks = oracle.label(df, selected)
+            _faults.checkpoint("label:inside")  # masks revealed, revision not yet written
+            df = self._with_train_signals(self._with_scores(df, state), state)
+            idx = df[SAMPLE_ID].isin(selected)
+            df.loc[idx, LABELED] = True
+            df.loc[idx, ROUND_LABELED] = state.round
+            df.loc[idx, WEIGHT] = 1.0
+            df.loc[idx, MASK_PATH] = df.loc[idx, SAMPLE_ID].map(masks)
+            df = regions.charge_images(df, idx, self._classes(), cfg)  # clicks and labeled pixels, for the click axis
+            rev = self.store.write(
+                df, parent=parent, round=state.round,
+                comment=f"round {state.round}: +{len(selected)} by {cfg.loop.strategy}",
+            )
+        out: dict[str, Any] = {"revision": rev, "parent": parent, "added": selected}
+        if not cfg.review.simulate_relabel:
+            return out
+        # review.simulate_relabel: the oracle answers the relabel requests (this round's queue and
+        # `shoal edit --relabel`) with ground truth: the mask the dataset came with, i.e. the
+        # sample's mask_path in the experiment's first revision (later revisions may point at
+        # imported or corrupted copies).
+        df = self.store.read(rev)
+        flagged = df[LABELED] & df.get("needs_relabel", pd.Series(False, index=df.index)).fillna(False).astype(bool)
+        ids = sorted(df.loc[flagged, SAMPLE_ID].astype(str))
+        if not ids:
+            return out
+        truth = oracle.label(self.store.read(self.store.lineage(rev)[-1].id), ids)
+        current = df.set_index(SAMPLE_ID)[MASK_PATH]
+        changed = [i for i in ids if current[i] != truth[i]]
+        if answered is None:
+            df.loc[flagged, MASK_PATH] = df.loc[flagged, SAMPLE_ID].map(truth)
+            df.loc[flagged, "needs_relabel"] = False
+            answered = self.store.write(
+                df, parent=rev, round=state.round,
+                comment=f"relabel: {len(ids)} flagged samples answered by the simulated oracle with ground truth, "
+                        f"{len(changed)} masks changed (parent {rev})",
+            )
+        return {**out, "revision": answered, "relabeled": ids, "relabel_changed": changed, "relabel_parent": rev}
 
     def _phase_track(self, state: State) -> dict[str, Any]:
         from . import _report as report
@@ -817,6 +1016,7 @@ class ActiveLearningLoop:
                 state.experiment_uid, cfg.experiment.name, tags={"shoal.workdir": str(self.workdir), **tags},
             )
             tracker.log(state.parent_run_id, params=cfg.flat())
+            _faults.checkpoint("track:parent")
             state.save(self.workdir)
         info = state.round_info
         train, label = info["train"], info["label"]
@@ -840,21 +1040,37 @@ class ActiveLearningLoop:
                 tracker.log(child, tags={"shoal.baseline_run_id": found[0]})
         selection = report.selection_with_reasons(
             pd.read_csv(info["select"]["selection_file"], dtype={SAMPLE_ID: str}), self._strategy(),
-            self._candidates(state), len(info["select"]["selected"]),
-            np.random.default_rng([cfg.experiment.seed, state.round, 1]))  # the select phase's generator
+            (table := self._candidates(state)), len(info["select"]["selected"]),
+            np.random.default_rng([cfg.experiment.seed, state.round, 1]),  # the select phase's generator
+            self._embeddings(state, table))
         artifacts = report.write_round_report(
             round_dir / report.REPORT_DIR, cfg=cfg, classes=classes, round_index=state.round, curve=curve,
             baseline=baseline, train=train, pixels=pixels, revision_df=df, selection=selection,
-            sam_dir=round_dir / "sam_preannotations")  # where _preannotations has SAM write them
-        tracker.log(child, params=report.round_params(cfg, state.round, label["revision"], label["parent"]),
+            sam_dir=round_dir / "sam_preannotations",  # where _preannotations has SAM write them
+            sam_finetune=info["score"].get("sam_finetune"))
+        # SAM's mask decoder, fine-tuned in the score phase: its held-out mask IoU before and after
+        # tuning says whether tuning helped (steps run, not configured: 0 without labeled prompts).
+        tuned = info["score"].get("sam_finetune") or {}
+        sam_metrics = {name: float(tuned[key]) for name, key in (
+            ("sam_decoder_holdout_iou_before", "val_iou_before"), ("sam_decoder_holdout_iou_after", "val_iou_after"),
+            ("sam_decoder_finetune_seconds", "seconds")) if key in tuned}
+        sam_params = {name: int(tuned[key]) for name, key in (
+            ("sam_decoder_finetune_steps", "steps"), ("sam_decoder_holdout_images", "holdout_images"),
+            ("sam_decoder_holdout_prompts", "holdout_prompts")) if key in tuned}
+        if "relabeled" in label:  # review.simulate_relabel: what the simulated oracle answered
+            metrics |= {"relabeled": float(len(label["relabeled"])),
+                        "relabel_masks_changed": float(len(label["relabel_changed"]))}
+        metrics |= sam_metrics
+        tracker.log(child, params=report.round_params(cfg, state.round, label["revision"], label["parent"]) | sam_params,
                     metrics=metrics, step=state.round)
+        _faults.checkpoint("track:inside")  # the round's child run exists, not finished
         for epoch in train["history"]:
             tracker.log(child, metrics={"epoch_val_miou": epoch["val_miou"], "epoch_train_loss": epoch["train_loss"]},
                         step=int(epoch["epoch"]))
         lineage = [asdict(i) for i in self.store.lineage(label["revision"])]
         lineage_file = round_dir / "revision.json"
         atomic_write_json(lineage_file, {"revision": label["revision"], "parent": label["parent"], "lineage": lineage})
-        extra = [lineage_file]
+        extra = [lineage_file, *(p for p in [self.workdir / UNREADABLE_FILE] if p.exists())]
         for key in ("quality_report",):  # which image properties relate to per-image val IoU
             path = info["score"].get(key)
             if path and Path(path).exists():
@@ -873,7 +1089,7 @@ class ActiveLearningLoop:
         # The parent holds the summary so far: the curve (replaced every round) and its area.
         tracker.log(state.parent_run_id, metrics={
             "val_miou": metrics["val_miou"], "trained_on": metrics["trained_on"], "labeled_count": labeled_after,
-            "learning_curve_auc": auc,
+            "learning_curve_auc": auc, **{k: v for k, v in sam_metrics.items() if "_iou_" in k},
         }, step=state.round)
         curve_files = [p for p in (*artifacts.figures, *artifacts.tables) if p.stem == "learning_curve"]
         tracker.log_artifacts(state.parent_run_id, curve_files)
@@ -905,6 +1121,12 @@ class ActiveLearningLoop:
             "select_seconds": info["select"]["seconds"],
             "label_seconds": info["label"]["seconds"],
         }
+        weights = train.get("weights") or {}
+        for key in ("min", "max", "max_min_ratio", "zero"):
+            if key in weights:
+                metrics[f"train_weight_{key}"] = float(weights[key])
+        if info["score"].get("pool_uncertainty_mean") is not None:
+            metrics["pool_uncertainty_mean"] = float(info["score"]["pool_uncertainty_mean"])
         for name, iou in zip(names, train["val_iou_per_class"]):
             metrics[f"val_iou_{name}"] = iou
         for name, dice in zip(names, report.dice_per_class(train, len(names))):
@@ -912,7 +1134,22 @@ class ActiveLearningLoop:
         if pixels is not None:
             for name in names:
                 metrics[f"labeled_pixels_{name}"] = float(pixels[f"{report.PIXELS_PREFIX}{name}"].sum())
+        metrics |= regions.click_metrics(self.store, info["label"])  # labeled_clicks, round_clicks, ...
         return metrics
+
+    def _stop_decision(self, state: State, pool_left: int) -> str | None:
+        """The reason ``loop.stopping`` gives to stop after this round (its history included), or None."""
+        from strategies import stopping_rule
+
+        stop = self.config.loop.stopping
+        history = [{"labeled_count": h["labeled_count"], "val_miou": h["metrics"].get("val_miou"),
+                    "pool_uncertainty_mean": h["extra"].get("pool_uncertainty_mean"), "pool_size": None}
+                   for h in state.history]
+        history[-1]["pool_size"] = pool_left
+        rule = stopping_rule(total_budget=stop.total_budget, plateau_rounds=stop.plateau_rounds,
+                             min_delta=stop.min_delta, uncertainty_threshold=stop.uncertainty_threshold)
+        decision = rule(history)
+        return decision.reason if decision.stop else None
 
     def _finish_round(self, state: State) -> None:
         cfg = self.config
@@ -924,16 +1161,20 @@ class ActiveLearningLoop:
         result = RoundResult(
             round=state.round, added=list(info["label"]["added"]), trained_on=int(info["train"]["trained_on"]),
             labeled_count=labeled_after, metrics=metrics, timings=timings, revision=info["label"]["revision"],
-            strategy=cfg.loop.strategy, extra={"child_run_id": info["track"]["child_run_id"]},
+            strategy=cfg.loop.strategy, extra={"child_run_id": info["track"]["child_run_id"],
+                                               "pool_uncertainty_mean": info["score"].get("pool_uncertainty_mean"),
+                                               **regions.round_extra(metrics)},
         )
         state.history.append(asdict(result))
         state.revision = info["label"]["revision"]
         df = self.store.read(state.revision)
-        pool_left = int(((df[SPLIT] == TRAIN_SPLIT) & ~df[LABELED]).sum())
+        pool_left = int(regions.open_pool(df).sum())  # region runs: images labeled in part are not done
         if state.round >= cfg.loop.rounds:
             state.stopped = f"rounds: {state.round} of {cfg.loop.rounds} done"
         elif pool_left == 0:
             state.stopped = "pool exhausted: every train sample is labeled"
+        else:
+            state.stopped = self._stop_decision(state, pool_left)
         if state.stopped:
             tracker = self._tracker_()
             assert state.parent_run_id is not None

@@ -91,29 +91,32 @@ def labeled_pixels(
     """Pixels of each class in every labeled train sample of ``df`` (a table revision):
     ``sample_id`` and ``pixels_<class>`` columns, counted at the masks' own resolution.
 
-    Cached in ``round_dir``; masks counted by the previous round are reused, so a round decodes
-    only the masks it added.
+    Cached in ``round_dir`` by sample and mask path; masks counted by the previous round are
+    reused, so a round decodes only the masks it added or replaced (a relabeled sample, a partial
+    mask that grew: a new file either way).
     """
     cached = round_dir / LABELED_PIXELS_FILE
     labeled = df.loc[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED], [SAMPLE_ID, MASK_PATH]]
     columns = [f"{PIXELS_PREFIX}{name}" for name in classes.names]
-    known = pd.DataFrame(columns=[SAMPLE_ID, *columns])
+    known = pd.DataFrame(columns=[SAMPLE_ID, MASK_PATH, *columns])
     for path in (cached, previous_round_dir / LABELED_PIXELS_FILE if previous_round_dir else None):
         if path is not None and path.exists():
             found = pd.read_parquet(path)
-            if list(found.columns) == [SAMPLE_ID, *columns]:
+            if list(found.columns) == [SAMPLE_ID, MASK_PATH, *columns]:  # older caches have no mask_path: recounted
                 known = found
                 break
-    known = known[known[SAMPLE_ID].isin(labeled[SAMPLE_ID])]
+    current = pd.MultiIndex.from_frame(labeled[[SAMPLE_ID, MASK_PATH]].astype(str))
+    known = known[pd.MultiIndex.from_frame(known[[SAMPLE_ID, MASK_PATH]].astype(str)).isin(current)]
     todo = labeled[~labeled[SAMPLE_ID].isin(known[SAMPLE_ID])]
     counts = workers.count_class_pixels(todo[MASK_PATH].tolist(), classes)
     new = pd.DataFrame(counts, columns=columns)
     new.insert(0, SAMPLE_ID, todo[SAMPLE_ID].to_numpy())
+    new.insert(1, MASK_PATH, todo[MASK_PATH].astype(str).to_numpy())
     out = pd.concat([known, new], ignore_index=True) if len(known) else new
     out = out.sort_values(SAMPLE_ID, ignore_index=True)
     out[columns] = out[columns].astype("int64")
     atomic_write(cached, lambda p: out.to_parquet(p, index=False))
-    return out
+    return out.drop(columns=[MASK_PATH])
 
 
 def learning_curve(history: Sequence[Mapping[str, Any]], current: tuple[int, int, float, int]) -> pd.DataFrame:
@@ -131,7 +134,8 @@ def learning_curve(history: Sequence[Mapping[str, Any]], current: tuple[int, int
 
 
 def selection_with_reasons(
-    selection: pd.DataFrame, strategy: Any, candidates: pd.DataFrame, budget: int, rng: np.random.Generator
+    selection: pd.DataFrame, strategy: Any, candidates: pd.DataFrame, budget: int, rng: np.random.Generator,
+    embeddings: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The selection table (rank, sample id, scores) with the strategy's ``priority`` and ``reason``
     for each pick.
@@ -144,7 +148,7 @@ def selection_with_reasons(
     if "reason" in selection.columns:
         return selection
     try:
-        picked = strategy.select_with_reasons(candidates, budget, rng)
+        picked = strategy.select_with_reasons(candidates, budget, rng, embeddings)
     except Exception as exc:  # a report must not fail the round
         log.warning("could not explain the selection of strategy %s: %s", strategy.name, exc)
         return selection.assign(reason="")
@@ -180,12 +184,15 @@ def write_round_report(
     revision_df: pd.DataFrame,
     selection: pd.DataFrame,
     sam_dir: Path | None = None,
+    sam_finetune: Mapping[str, Any] | None = None,
 ) -> RoundArtifacts:
     """Write the round's figures and tables under ``out_dir``: the learning curve (with the random
     baseline when there is one), the validation confusion matrix, the labeled set's class
     distribution, the training weights histogram, thumbnails of the selected images with their
     predicted masks, labels and SAM pre-annotations (``sam_dir/<task name>.png``, when the round
-    wrote them), and the selection table with scores and reasons."""
+    wrote them), the selection table with scores and reasons, and, when the round fine-tuned SAM's
+    mask decoder (``sam_finetune``: what ``workers.finetune_sam_decoder`` returned), its held-out
+    mask IoU before and after tuning (``sam_decoder.csv``)."""
     names = list(classes.names)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: list[Path] = []
@@ -222,6 +229,11 @@ def write_round_report(
                          sam_dir)
     if thumbs is not None:
         figures.append(thumbs)
+    if sam_finetune:
+        row = {"round": round_index, "holdout_iou_before": sam_finetune.get("val_iou_before"),
+               "holdout_iou_after": sam_finetune.get("val_iou_after"),
+               **{k: sam_finetune.get(k) for k in ("steps", "train_images", "holdout_images", "holdout_prompts", "seconds")}}
+        tables.append(_write_csv(out_dir / "sam_decoder.csv", pd.DataFrame([row])))
     root = [_write_csv(out_dir / "selection.csv", selection)]
     return RoundArtifacts(root=root, figures=figures, tables=tables)
 
@@ -233,14 +245,15 @@ def _thumbnails(
     checkpoint = train.get("checkpoint_path")
     if not checkpoint or not Path(checkpoint).exists() or selection.empty:
         return None
-    shown = selection.head(MAX_THUMBNAILS)
+    shown = selection.drop_duplicates(SAMPLE_ID).head(MAX_THUMBNAILS)  # region runs: one row per region
     rows = revision_df.set_index(SAMPLE_ID).loc[shown[SAMPLE_ID].astype(str)]
     size = cfg.data.image_size
     images, predictions = workers.predict_masks(checkpoint, rows[IMAGE_PATH].tolist(), size)
     labels = [workers.load_mask(str(p), classes, size=size) if isinstance(p, str) else None for p in rows[MASK_PATH]]
     reasons = shown["reason"].tolist() if "reason" in shown.columns else [""] * len(shown)
     captions = [f"{sid}\n{_short(str(r))}" if r else str(sid) for sid, r in zip(shown[SAMPLE_ID], reasons)]
-    more = f" (first {len(shown)} of {len(selection)})" if len(selection) > len(shown) else ""
+    selected = selection[SAMPLE_ID].nunique()
+    more = f" (first {len(shown)} of {selected})" if selected > len(shown) else ""
     sam_files = [sam_dir / f"{task_name(str(sid))}.png" if sam_dir else None for sid in shown[SAMPLE_ID]]
     sam_masks = [workers.load_mask(str(p), classes, size=size) if p and p.exists() else None for p in sam_files]
     return workers.plot_thumbnails(

@@ -5,6 +5,7 @@ criteria (``stopping_rule``), pure functions of the table and the round history.
 """
 
 from . import _columns as columns
+from . import _region_columns as region_columns
 from ._balance import ClassBalanceStrategy
 from ._base import (
     Pool,
@@ -20,7 +21,16 @@ from ._base import (
     strategy_options,
 )
 from ._compose import FusionStrategy, PowerSamplingStrategy, SoftmaxSamplingStrategy
+from ._cost import AnnotationCost, CostModel, mask_annotation_cost, polygon_vertices, region_clicks
 from ._diversity import ClusterUncertaintyStrategy, ColdStartStrategy, CoreSetStrategy
+from ._regions import (
+    RegionStrategy,
+    build_region_strategy,
+    region_strategy_class,
+    region_strategy_names,
+    region_strategy_options,
+    register_region_strategy,
+)
 from ._reweight import (
     compute_weights,
     manual_override,
@@ -86,4 +96,17 @@ __all__ = [
     "strategy_class",
     "strategy_names",
     "strategy_options",
+    # regions: click costs and region selection under a click budget
+    "AnnotationCost",
+    "CostModel",
+    "RegionStrategy",
+    "build_region_strategy",
+    "mask_annotation_cost",
+    "polygon_vertices",
+    "region_clicks",
+    "region_columns",
+    "region_strategy_class",
+    "region_strategy_names",
+    "region_strategy_options",
+    "register_region_strategy",
 ]

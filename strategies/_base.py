@@ -298,6 +298,7 @@ class Strategy(ABC):
         wanted = {ID_COLUMN, LABELED_COLUMN, *req.columns}
         keep = [i for i, c in enumerate(names) if c in wanted or (prefixes and c.startswith(prefixes))]
         frame = table if len(keep) == len(names) else table.iloc[:, keep]
+        self._check_finite(frame)
         if LABELED_COLUMN in names:
             flags = frame[LABELED_COLUMN]
             labeled = flags.to_numpy(dtype=bool) if flags.dtype == bool else flags.to_numpy(dtype=bool, na_value=False)
@@ -321,6 +322,19 @@ class Strategy(ABC):
             matrix = self._embeddings(embeddings, table)
             cand_emb, lab_emb = matrix[cand_rows], matrix[lab_rows]
         return Pool(candidates, labeled_rows, cand_emb, lab_emb)
+
+    @staticmethod
+    def _check_finite(frame: pd.DataFrame) -> None:
+        """An infinite score is a bug upstream, not a very uncertain image: refuse it, naming the
+        column and the sample (NaN means "not scored" and ranks last)."""
+        for name in frame.columns:
+            if name in (ID_COLUMN, LABELED_COLUMN) or not pd.api.types.is_float_dtype(frame[name].dtype):
+                continue
+            values = frame[name].to_numpy(dtype=np.float64)
+            bad = np.isinf(values)
+            if bad.any():
+                sid = frame[ID_COLUMN].iloc[int(np.argmax(bad))]
+                raise ValueError(f"score column '{name}' of sample_id {sid!r} is {values[bad][0]}: scores must be finite or NaN")
 
     def _embeddings(self, embeddings: np.ndarray | None, table: pd.DataFrame) -> np.ndarray:
         if embeddings is None:

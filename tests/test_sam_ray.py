@@ -83,3 +83,36 @@ def test_a_later_pass_hits_the_cache_and_a_changed_image_misses(paused: ActiveLe
     assert result.num_scored == 36 + 8 and result.sam_images_encoded == 1
     scores = pd.read_parquet(result.scores_dir).set_index("sample_id")[col.SAM_EMBEDDING_CACHED]
     assert scores[edited.sample_id] == 0.0 and (scores.drop(edited.sample_id).dropna() == 1.0).all()
+
+
+def test_decoder_holdout_iou_reaches_the_round_run(paused: ActiveLearningLoop, tmp_path: Path) -> None:
+    """Runs last: imports the labels the round waits for, so its track phase logs to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    assert paused.state is not None and paused.awaiting_labels is not None
+    tuned = dict(paused.state.round_info["score"]["sam_finetune"])
+    assert tuned["val_iou_before"] != tuned["val_iou_after"]  # else swapped or repeated keys would pass
+    table = paused.store.read(paused.state.revision).set_index("sample_id")
+    manifest = json.loads((Path(paused.awaiting_labels["task_dir"]) / "manifest.json").read_text())
+    (tmp_path / "masks").mkdir()
+    for s in manifest["samples"]:
+        truth = cv2.imread(str(table.loc[s["sample_id"], "mask_path"]), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(tmp_path / "masks" / f"{s['name']}.png"), truth)
+    paused.import_labels(tmp_path)
+    result = paused.step()
+    assert result is not None and result.round == 1
+    run = MlflowClient(paused.tracking_uri).get_run(result.extra["child_run_id"])
+    assert run.data.metrics["sam_decoder_holdout_iou_before"] == pytest.approx(tuned["val_iou_before"], abs=1e-12)
+    assert run.data.metrics["sam_decoder_holdout_iou_after"] == pytest.approx(tuned["val_iou_after"], abs=1e-12)
+    assert run.data.metrics["sam_decoder_finetune_seconds"] == pytest.approx(tuned["seconds"], abs=1e-9)
+    assert run.data.params["sam_decoder_finetune_steps"] == "3" == str(tuned["steps"])
+    assert run.data.params["sam_decoder_holdout_images"] == str(tuned["holdout_images"])
+    assert result.metrics["sam_decoder_holdout_iou_after"] == tuned["val_iou_after"]
+    parent = MlflowClient(paused.tracking_uri).get_metric_history(paused.state.parent_run_id,
+                                                                 "sam_decoder_holdout_iou_after")
+    assert [(m.step, m.value) for m in parent] == [(1, pytest.approx(tuned["val_iou_after"]))]
+    uploaded = [a.path for a in MlflowClient(paused.tracking_uri).list_artifacts(run.info.run_id, "tables")]
+    assert "tables/sam_decoder.csv" in uploaded
+    report = pd.read_csv(paused.workdir / "rounds/round-001/report/sam_decoder.csv")
+    assert report.loc[0, "holdout_iou_before"] == pytest.approx(tuned["val_iou_before"])
+    assert report.loc[0, "holdout_iou_after"] == pytest.approx(tuned["val_iou_after"])

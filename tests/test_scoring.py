@@ -10,7 +10,7 @@ import torch
 
 from strategies import columns as col
 from workers import PoolScorer, build_model
-from workers._score import uncertainty_columns
+from workers._score import class_pixel_weights, uncertainty_columns
 
 
 def test_uncertainty_of_certain_and_uniform_images() -> None:
@@ -23,6 +23,33 @@ def test_uncertainty_of_certain_and_uniform_images() -> None:
     assert out[col.MARGIN_MEAN] == pytest.approx([1.0, 0.0])
     assert out[col.LEAST_CONFIDENCE_MEAN] == pytest.approx([0.0, 0.75])
     assert out[col.class_fraction_column(2)][0] == 1.0 and out[col.class_fraction_column(1)][0] == 0.0
+
+
+def test_classweighted_counts_pixels_predicted_as_a_rare_class_more() -> None:
+    # Image A: a confident background, an uncertain patch predicted as background.
+    # Image B: the same, but the uncertain patch is predicted as class 1, rare in the labeled set.
+    c, h, w = 2, 10, 10
+    a = torch.zeros(1, c, h, w)
+    a[:, 0] = 1.0
+    a[:, 0, :2, :5] = 0.6
+    a[:, 1, :2, :5] = 0.4
+    b = a.clone()
+    b[:, 0, :2, :5] = 0.4
+    b[:, 1, :2, :5] = 0.6
+    weights = class_pixel_weights([0.99, 0.01])
+    assert weights.mean() == pytest.approx(1.0) and weights[1] / weights[0] == pytest.approx(0.991 / 0.011)
+    out = uncertainty_columns(torch.cat([a, b]), weights)
+    # The plain mean cannot tell them apart; the class-weighted mean ranks B first.
+    assert out[col.ENTROPY_MEAN][0] == pytest.approx(out[col.ENTROPY_MEAN][1])
+    assert out[col.ENTROPY_CLASSWEIGHTED][1] > 5 * out[col.ENTROPY_CLASSWEIGHTED][0]
+    h_patch = -(0.6 * math.log(0.6) + 0.4 * math.log(0.4))
+    expected_b = weights[1] * 10 * h_patch / (weights[1] * 10 + weights[0] * 90)
+    assert out[col.ENTROPY_CLASSWEIGHTED][1] == pytest.approx(expected_b, rel=1e-6)
+    assert out[col.MARGIN_CLASSWEIGHTED][1] < out[col.MARGIN_CLASSWEIGHTED][0]
+    with pytest.raises(ValueError, match="class_weights: expected 2 weights"):
+        uncertainty_columns(a, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="labeled class shares"):
+        class_pixel_weights([0.5, float("nan")])
 
 
 def test_topk_reveals_a_small_uncertain_region() -> None:

@@ -8,8 +8,10 @@ numbers leave it. The results are written as Parquet by the cluster, not collect
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +36,25 @@ from ._train import to_tensor
 log = logging.getLogger(__name__)
 
 
-def uncertainty_columns(probs: torch.Tensor) -> dict[str, np.ndarray]:
+def class_pixel_weights(labeled_shares: Any, eps: float = 1e-3) -> np.ndarray:
+    """Per-class pixel weights of the ``classweighted`` aggregation: ``1 / (share + eps)`` of each
+    class's share of the labeled pixels, normalised to mean 1 (rare classes weigh more)."""
+    shares = np.asarray(labeled_shares, dtype=np.float64)
+    if shares.ndim != 1 or not len(shares) or not np.all(np.isfinite(shares)) or (shares < 0).any():
+        raise ValueError(f"labeled class shares must be finite numbers >= 0, one per class, got {shares.tolist()}")
+    w = 1.0 / (shares + eps)
+    return np.asarray(w / w.mean())
+
+
+def uncertainty_columns(probs: torch.Tensor, class_weights: Any = None) -> dict[str, np.ndarray]:
     """Per-image scores from softmax probabilities ``probs``: float [N, C, H, W].
 
     Returns float64 arrays of length N: for entropy (nats), margin (top-1 minus top-2 probability)
-    and least confidence (1 - top-1), the mean over pixels and the mean over the
-    ``TOPK_PIXEL_FRACTION`` most uncertain pixels (a plain mean hides small uncertain objects);
-    and the predicted pixel fraction of every class (``pred_frac_<c>``).
+    and least confidence (1 - top-1), the mean over pixels, the mean over the
+    ``TOPK_PIXEL_FRACTION`` most uncertain pixels (a plain mean hides small uncertain objects) and,
+    given ``class_weights`` (float [C], see :func:`class_pixel_weights`), the mean with each pixel
+    weighted by its predicted class's weight (``classweighted``); and the predicted pixel fraction
+    of every class (``pred_frac_<c>``).
     """
     n, c = probs.shape[:2]
     p = probs.double().clamp_min(1e-12)
@@ -61,6 +75,15 @@ def uncertainty_columns(probs: torch.Tensor) -> dict[str, np.ndarray]:
         col.MARGIN_TOPK: (-(-margin).topk(k, dim=1).values).mean(1).numpy(),
         col.LEAST_CONFIDENCE_TOPK: least_conf.topk(k, dim=1).values.mean(1).numpy(),
     }
+    if class_weights is not None:
+        w = torch.as_tensor(np.asarray(class_weights, dtype=np.float64))
+        if w.shape != (c,):
+            raise ValueError(f"class_weights: expected {c} weights, one per class, got {tuple(w.shape)}")
+        pixel_w = w[pred]  # [N, H*W]: the weight of each pixel's predicted class
+        norm = pixel_w.sum(1)
+        out[col.ENTROPY_CLASSWEIGHTED] = ((pixel_w * entropy).sum(1) / norm).numpy()
+        out[col.MARGIN_CLASSWEIGHTED] = ((pixel_w * margin).sum(1) / norm).numpy()
+        out[col.LEAST_CONFIDENCE_CLASSWEIGHTED] = ((pixel_w * least_conf).sum(1) / norm).numpy()
     for k_class in range(c):
         out[col.class_fraction_column(k_class)] = fractions[:, k_class].numpy()
     return out
@@ -71,6 +94,18 @@ SCORED_COLUMNS = frozenset({
     col.ENTROPY_TOPK, col.MARGIN_TOPK, col.LEAST_CONFIDENCE_TOPK,
 })
 """The fixed-name score columns :func:`uncertainty_columns` writes (plus ``pred_frac_<c>``)."""
+CLASSWEIGHTED_COLUMNS = frozenset({col.ENTROPY_CLASSWEIGHTED, col.MARGIN_CLASSWEIGHTED, col.LEAST_CONFIDENCE_CLASSWEIGHTED})
+"""Written on top of :data:`SCORED_COLUMNS` when the scorer is given the labeled class shares."""
+
+
+def label_columns(label: np.ndarray, num_classes: int, ignore_index: int) -> dict[str, float]:
+    """A labeled image's objects and area per class (``label_objects_<c>``, ``label_area_<c>``) and
+    the same shares under the strategies' name ``label_frac_<c>`` (class balance and the
+    class-content weights read the true shares of labeled images from them)."""
+    out = object_columns(label, num_classes, ignore_index, "label")
+    for c in range(num_classes):
+        out[col.label_fraction_column(c)] = out[f"label_area_{c}"]
+    return out
 
 
 class PoolScorer:
@@ -89,8 +124,10 @@ class PoolScorer:
         use_gpu: bool = False,
         class_names: tuple[str, ...] | None = None,
         ignore_index: int = 255,
+        labeled_class_shares: tuple[float, ...] | None = None,
     ) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.class_weights = None if labeled_class_shares is None else class_pixel_weights(labeled_class_shares)
         self.model = load_checkpoint(checkpoint_path).to(self.device).eval()
         self.image_size: tuple[int, int] = (int(image_size[0]), int(image_size[1]))
         self.classes = ClassInfo(names=tuple(class_names), ignore_index=ignore_index) if class_names else None
@@ -100,7 +137,7 @@ class PoolScorer:
         x = torch.stack([to_tensor(im) for im in images]).to(self.device)
         with torch.no_grad():
             probs = torch.softmax(self.model(x).float(), dim=1).cpu()
-        out: dict[str, Any] = {"sample_id": np.asarray(batch["sample_id"]), **uncertainty_columns(probs)}
+        out: dict[str, Any] = {"sample_id": np.asarray(batch["sample_id"]), **uncertainty_columns(probs, self.class_weights)}
         if self.classes is None:
             return out
         n, c = len(images), probs.shape[1]
@@ -117,10 +154,10 @@ class PoolScorer:
             if isinstance(path, str) and path:
                 label = load_mask(path, self.classes, size=self.image_size)
                 row.update(label_issue_columns(probs[i], label, self.classes.ignore_index))
-                row.update(object_columns(label, c, self.classes.ignore_index, "label"))
+                row.update(label_columns(label, c, self.classes.ignore_index))
             else:
                 row.update({LABEL_ISSUE: float("nan"), LABEL_SELF_CONFIDENCE: float("nan")})
-                row.update(dict.fromkeys(object_columns(preds[i], c, self.classes.ignore_index, "label"), float("nan")))
+                row.update(dict.fromkeys(label_columns(preds[i], c, self.classes.ignore_index), float("nan")))
             rows.append(row)
         for key in rows[0]:
             out[key] = np.array([r[key] for r in rows], dtype=np.float64)
@@ -146,6 +183,7 @@ def score_pool(
     gpus_per_actor: float = 0.0,
     class_names: tuple[str, ...] | None = None,
     ignore_index: int = 255,
+    labeled_class_shares: tuple[float, ...] | None = None,
 ) -> ScoreResult:
     """Score every row of ``pool_parquet`` (columns ``sample_id``, ``image_path``) with the model in
     ``checkpoint_path``; write the per-image columns as Parquet files under ``out_dir`` (replaced)."""
@@ -166,16 +204,59 @@ def score_pool(
             "use_gpu": gpus_per_actor > 0,
             "class_names": tuple(class_names) if class_names else None,
             "ignore_index": ignore_index,
+            "labeled_class_shares": tuple(labeled_class_shares) if labeled_class_shares is not None else None,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
+        # An actor that dies is restarted and its unfinished batches rerun: Ray Data's defaults for
+        # actor pools (max_restarts=-1, max_task_retries=-1). Setting them here would take the
+        # `**ray_remote_args` of map_batches, deprecated in Ray 2.60 (removed in 2.64).
     )
     scored.write_parquet(str(out))
-    num = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
+    num = ensure_scored_once(str(out), pool_parquet)
     return ScoreResult(scores_dir=str(out), num_scored=num, seconds=time.perf_counter() - t0)
+
+
+def ensure_scored_once(scores_dir: str, pool_parquet: str) -> int:
+    """Check that the Parquet files in ``scores_dir`` hold exactly one row per ``sample_id`` of
+    ``pool_parquet``, dropping repeated rows; returns the number of rows.
+
+    A batch whose actor died runs again on a restarted actor; Ray Data names a write task's files
+    after the task, so a retried write replaces its own file. A sample written twice by any other
+    path (identical scores: scoring is deterministic) is kept once and the files are rewritten as
+    one. Only the id columns are read unless there is something to drop (score rows are a few
+    numbers per image). Raises RuntimeError naming a pool sample that no file scored, ValueError
+    when the pool repeats a sample id.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(scores_dir)
+    files = sorted(out.glob("*.parquet"))
+    pool = [str(s) for s in pq.read_table(pool_parquet, columns=["sample_id"]).column(0).to_pylist()]
+    if len(set(pool)) != len(pool):
+        raise ValueError(f"{pool_parquet}: sample ids repeat; every pool row needs its own sample_id")
+    ids: list[str] = []
+    for f in files:
+        ids += [str(s) for s in pq.read_table(f, columns=["sample_id"]).column(0).to_pylist()]
+    missing = set(pool) - set(ids)
+    if missing:
+        raise RuntimeError(f"{scores_dir}: {len(missing)} of {len(pool)} pool samples were not scored, "
+                           f"e.g. {sorted(missing)[0]!r}")
+    if len(ids) == len(pool):
+        return len(ids)
+    _, first = np.unique(np.asarray(ids), return_index=True)
+    log.warning("%s: %d rows scored twice (a retried batch); keeping one row per sample", scores_dir, len(ids) - len(first))
+    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").take(np.sort(first))
+    tmp = out / f".dedup-{uuid.uuid4().hex}.tmp"  # a dot name: readers of the directory skip it
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / f"scores-{uuid.uuid4().hex}.parquet")
+    for f in files:
+        f.unlink()
+    return table.num_rows
 
 
 def read_scores(scores_dir: str) -> Any:

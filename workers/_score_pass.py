@@ -34,7 +34,7 @@ from strategies import columns as col
 from ._data import load_image
 from ._models import load_checkpoint
 from ._sam import SamEngine, SamSpec
-from ._score import PoolScorer, ScoreResult
+from ._score import PoolScorer, ScoreResult, ensure_scored_once
 from ._train import to_tensor
 
 __all__ = ["POOL_FLAG", "PassResult", "PassScorer", "PassSpec", "SamPreannotator", "read_embeddings", "sam_preannotate",
@@ -193,6 +193,7 @@ def _ray_map(ds: Any, fn: type, kwargs: dict[str, Any], *, num_actors: int, batc
     return ds.map_batches(
         fn, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+        # a dead actor is restarted and its batches rerun by Ray Data's defaults (see score_pool)
     )
 
 
@@ -227,8 +228,8 @@ def score_pool_pass(
     scored = _ray_map(ds, PassScorer, kwargs, num_actors=num_actors, batch_size=batch_size,
                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
     scored.write_parquet(out_dir)
+    num = ensure_scored_once(out_dir, pool_parquet)  # a batch retried after its actor died is not counted twice
     files = sorted(Path(out_dir).glob("*.parquet"))
-    num = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     encoded = 0
     if spec.sam is not None and files:
         cached = pq.read_table(out_dir, columns=[col.SAM_EMBEDDING_CACHED]).column(0).to_numpy(zero_copy_only=False)

@@ -15,6 +15,11 @@ What a run does, on every rank:
    early after ``early_stopping_patience`` epochs without improvement;
 4. restores the best epoch's weights and computes the loss and IoU of every labeled sample
    (the per-sample training signals).
+
+Under Ray Train every epoch reports a checkpoint with the best model so far and the state to go on
+from (``resume.pt``); when a worker dies, Ray Train restarts the worker group (up to
+``max_failures`` times) and the loop resumes after the last reported epoch, ending with the result
+the uninterrupted run would have given.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -58,7 +64,7 @@ from ._metrics import (
     per_image_confusion,
     per_image_scores,
 )
-from ._models import build_model, load_model_state, save_model_state
+from ._models import _read_checkpoint, build_model, load_model_state, save_model_state
 
 __all__ = [
     "Evaluation",
@@ -79,6 +85,9 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = np.array(_MEAN, dtype=np.float32)
 IMAGENET_STD = np.array(_STD, dtype=np.float32)
 CHECKPOINT_FILE = "model.pt"
+RESUME_FILE = "resume.pt"
+"""Beside ``model.pt`` in every epoch's Ray Train checkpoint: what a restarted run resumes from."""
+RESUME_FORMAT = 1
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("poly", "cosine")
 POLY_POWER = 0.9
@@ -249,6 +258,11 @@ class TrainSpec:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     val_batch_size: int | None = None
     """Batch size of evaluation passes; None = ``batch_size``. Results do not depend on it."""
+    fault_injection: tuple[str, int] | None = None
+    """Tests only: ``(directory, epoch)``. Under Ray Train, rank 0 appends ``<epoch> <pid> <time>`` to
+    ``directory/epochs.log`` after reporting each epoch; after reporting ``epoch`` and once Ray
+    Train has committed its checkpoint, it writes its pid to ``directory/paused.pid`` and waits to
+    be killed. A restarted worker finds that file and trains on."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -296,6 +310,9 @@ class TrainResult:
     """IoU of each labeled sample, the mean over the classes present in that image."""
     epochs_run: int = 0
     stopped_early: bool = False
+    resumed_at_epoch: int | None = None
+    """The epoch at which a restarted worker group (after a worker died) went on from the previous
+    epoch's checkpoint, the last such restart; None = the run was not restarted."""
 
 
 def _world() -> tuple[int, int]:
@@ -450,21 +467,104 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_loop(spec: TrainSpec, report: Callable[[dict[str, float], str | None], None] | None = None) -> dict[str, Any]:
+def _rng_state(augmenter: Augmenter | None, device: torch.device) -> dict[str, Any]:
+    """This process's random state (Python, NumPy, torch CPU and CUDA, the augmenter's generator)
+    as plain data and tensors, so a resume state loads with ``weights_only=True``."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "key": np.asarray(np_state["state"]["key"]).tolist(),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "augment": augmenter.generator.get_state() if augmenter is not None else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], augmenter: Augmenter | None, device: torch.device) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if augmenter is not None and state["augment"] is not None:
+        augmenter.generator.set_state(state["augment"])
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _save_atomic(payload: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsynced and renamed over it."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_resume_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The resume state of an epoch checkpoint written by :func:`train_loop`, with the best epoch's
+    weights (from its ``model.pt``) under ``best_state``."""
+    path = Path(checkpoint_dir) / RESUME_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; {checkpoint_dir} is not an epoch checkpoint of train_loop")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ValueError(f"{path} is not a training resume state of format {RESUME_FORMAT}")
+    best = Path(checkpoint_dir) / CHECKPOINT_FILE
+    state["best_state"] = _read_checkpoint(best)["state_dict"] if best.exists() else {}
+    return state
+
+
+def train_loop(
+    spec: TrainSpec,
+    report: Callable[[dict[str, float], str | None], None] | None = None,
+    resume_from: str | None = None,
+) -> dict[str, Any]:
     """Run the training loop on this worker (rank/world size from torch.distributed when set).
 
-    ``report(metrics, checkpoint_dir)`` is called once per epoch by every rank (``checkpoint_dir``
-    is set on rank 0 when the epoch improved the validation mIoU). Returns plain data, the same on
-    every rank: ``history`` (one dict per epoch), ``best_epoch``, ``epochs_run``,
-    ``stopped_early``, the best epoch's validation ``val_confusion`` and per-image ``val_loss`` /
-    ``val_iou`` / ``val_dice`` (dataset order), ``class_pixel_frequency``, ``class_weights`` and the
-    per-sample ``train_loss`` / ``train_iou`` (``train_images`` order) under the best model.
+    ``report(metrics, checkpoint_dir)`` is called once per epoch by every rank. With
+    ``spec.checkpoint_via_report``, rank 0's ``checkpoint_dir`` holds the best model so far
+    (``model.pt``) and ``resume.pt``, everything a restarted run needs to go on after this epoch
+    (weights, optimiser, schedule, step, early-stopping counters, history, the best epoch's
+    evaluation and every rank's random state); otherwise, and on other ranks, it is None.
+
+    ``resume_from``: such a checkpoint directory, of a run of the same spec and world size; the
+    loop goes on at the next epoch and returns what the run would have returned uninterrupted.
+
+    Returns plain data, the same on every rank: ``history`` (one dict per epoch), ``best_epoch``,
+    ``epochs_run``, ``stopped_early``, ``resumed_at_epoch`` (None without ``resume_from``), the
+    best epoch's validation ``val_confusion`` and per-image ``val_loss`` / ``val_iou`` /
+    ``val_dice`` (dataset order), ``class_pixel_frequency``, ``class_weights`` and the per-sample
+    ``train_loss`` / ``train_iou`` (``train_images`` order) under the best model.
     """
     rank, world = _world()
     device = _device(spec.use_gpu)
     classes = ClassInfo(names=spec.class_names, ignore_index=spec.ignore_index)
     num_classes = len(spec.class_names)
     val_batch = spec.val_batch_size or spec.batch_size
+    saved = _read_resume_state(resume_from) if resume_from is not None else None
 
     # The same initial weights on every rank and for any world size; the rest per rank.
     _seed_everything(spec.seed)
@@ -487,6 +587,8 @@ def train_loop(spec: TrainSpec, report: Callable[[dict[str, float], str | None],
     if weights is not None and rank == 0:
         log.info("class weights (%s): %s", spec.loss.class_weights, np.round(weights, 3).tolist())
 
+    if saved is not None:  # before DDP, which starts every rank from rank 0's weights
+        model.load_state_dict(saved["model"])
     ddp_model: torch.nn.Module = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -504,8 +606,33 @@ def train_loop(spec: TrainSpec, report: Callable[[dict[str, float], str | None],
     best_miou, best_epoch, since_best, step = -1.0, -1, 0, 0
     best_state: dict[str, torch.Tensor] = {}
     best_eval: Evaluation | None = None
-    stopped_early = False
-    for epoch in range(spec.epochs):
+    stopped_early = done = False
+    start_epoch, resumed_at = 0, None
+    # Rank 0 keeps the best model in a file of its own when every epoch's checkpoint goes through
+    # `report`: each checkpoint carries a copy, so the latest one is complete on its own.
+    scratch = tempfile.TemporaryDirectory(prefix="shoal-best-") if spec.checkpoint_via_report and rank == 0 else None
+    best_file = Path(scratch.name) / CHECKPOINT_FILE if scratch is not None else None
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        history = list(saved["history"])
+        best_miou, best_epoch, since_best, step = saved["best_miou"], saved["best_epoch"], saved["since_best"], saved["step"]
+        best_state = saved["best_state"]
+        if saved["best_eval"] is not None:
+            best_eval = Evaluation(**{k: v.numpy() for k, v in saved["best_eval"].items()})
+        stopped_early, done = saved["stopped_early"], saved["done"]
+        start_epoch = resumed_at = int(saved["next_epoch"])
+        if best_file is not None and best_state:
+            shutil.copyfile(Path(str(resume_from)) / CHECKPOINT_FILE, best_file)
+        if len(saved["rng"]) == world:  # last: everything above may draw random numbers
+            _set_rng_state(saved["rng"][rank], augmenter, device)
+        elif rank == 0:
+            log.warning("resume state of %d ranks, this run has %d: random draws differ from the interrupted run",
+                        len(saved["rng"]), world)
+        if rank == 0:
+            log.info("resuming training at epoch %d of %d (step %d, best epoch %d)", start_epoch, spec.epochs, step, best_epoch)
+    for epoch in range(start_epoch, spec.epochs if not done else start_epoch):
         ddp_model.train()
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -553,20 +680,40 @@ def train_loop(spec: TrainSpec, report: Callable[[dict[str, float], str | None],
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1
-        if improved and rank == 0 and not spec.checkpoint_via_report:
-            save_model_state(model, Path(spec.output_dir) / CHECKPOINT_FILE)
-        if report is not None:
-            if improved and rank == 0 and spec.checkpoint_via_report:
+        stop = spec.early_stopping_patience is not None and since_best >= spec.early_stopping_patience
+        if stop:
+            stopped_early = epoch < spec.epochs - 1
+        if improved and rank == 0:
+            save_model_state(model, best_file or Path(spec.output_dir) / CHECKPOINT_FILE)
+        if report is not None and spec.checkpoint_via_report:
+            rng = _gather(_rng_state(augmenter, device))  # every rank: a collective
+            if rank == 0:
                 with tempfile.TemporaryDirectory(prefix="shoal-ckpt-") as tmp:
-                    save_model_state(model, Path(tmp) / CHECKPOINT_FILE)
+                    if best_file is not None and best_file.exists():
+                        shutil.copyfile(best_file, Path(tmp) / CHECKPOINT_FILE)
+                    _save_atomic({
+                        "format": RESUME_FORMAT, "world_size": world,
+                        "next_epoch": epoch + 1, "done": stop or epoch + 1 >= spec.epochs,
+                        "stopped_early": stopped_early, "step": step, "history": history,
+                        "best_miou": best_miou, "best_epoch": best_epoch, "since_best": since_best,
+                        "best_eval": None if best_eval is None else {
+                            k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dataclasses.asdict(best_eval).items()
+                        },
+                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "rng": rng,
+                    }, Path(tmp) / RESUME_FILE)
                     report(metrics, tmp)
             else:
                 report(metrics, None)
-        if spec.early_stopping_patience is not None and since_best >= spec.early_stopping_patience:
-            stopped_early = epoch < spec.epochs - 1
+        elif report is not None:
+            report(metrics, None)
+        if stop:
             if rank == 0:
                 log.info("early stop after epoch %d: no better val mIoU for %d epochs", epoch, since_best)
             break
+    if scratch is not None:
+        scratch.cleanup()
 
     # Per-sample signals of the labeled set under the best model, without augmentation.
     model.load_state_dict(best_state)
@@ -581,6 +728,7 @@ def train_loop(spec: TrainSpec, report: Callable[[dict[str, float], str | None],
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "stopped_early": stopped_early,
+        "resumed_at_epoch": resumed_at,
         "val_confusion": best_eval.confusion.tolist(),
         "val_loss": best_eval.loss.tolist(),
         "val_iou": best_eval.iou.tolist(),
@@ -612,8 +760,38 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+        if spec.fault_injection is not None and ray.train.get_context().get_world_rank() == 0:
+            _fault_injection(spec.fault_injection, int(metrics["epoch"]))
 
-    return train_loop(spec, report)
+    # Set when Ray Train restarted the worker group after a failure: the latest epoch's checkpoint.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return train_loop(spec, report)
+    with checkpoint.as_directory() as resume_dir:
+        return train_loop(spec, report, resume_from=resume_dir)
+
+
+def _fault_injection(fault: tuple[str, int], epoch: int) -> None:
+    """Tests only (``TrainSpec.fault_injection``): log the epoch, and pause to be killed after
+    reporting the chosen epoch, once, when Ray Train has committed that epoch's checkpoint."""
+    import ray.train
+
+    directory, pause_epoch = Path(fault[0]), int(fault[1])
+    with open(directory / "epochs.log", "a") as f:
+        f.write(f"{epoch} {os.getpid()} {time.time():.3f}\n")
+    paused = directory / "paused.pid"
+    if epoch != pause_epoch or paused.exists():
+        return
+    # `report` returns once the checkpoint is uploaded, but the controller registers it when it next
+    # polls the worker: killed before that, a run restarts from the checkpoint before.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    tmp = directory / f".paused.{os.getpid()}.tmp"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, paused)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    raise RuntimeError(f"fault injection: worker {os.getpid()} paused after epoch {epoch} was not killed in 300 s")
 
 
 def _check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
@@ -690,6 +868,7 @@ def result_from_loop(spec: TrainSpec, ret: dict[str, Any], checkpoint_path: str,
         train_iou=_floats(ret.get("train_iou", [])),
         epochs_run=int(ret.get("epochs_run", len(history))),
         stopped_early=bool(ret.get("stopped_early", False)),
+        resumed_at_epoch=ret.get("resumed_at_epoch"),
     )
 
 
@@ -700,16 +879,25 @@ def train(
     cpus_per_worker: int,
     storage_path: str,
     run_name: str | None = None,
+    max_failures: int = 2,
 ) -> TrainResult:
     """Fit a model with a Ray Train ``TorchTrainer`` and copy the best checkpoint to
     ``spec.output_dir/model.pt``.
 
     ``num_workers=0`` runs the loop in this process (Ray Train's local mode). Each call uses a fresh
     run name: reusing one would silently resume an earlier run.
+
+    ``max_failures``: how many times Ray Train restarts the worker group after a worker dies (a
+    killed process, a lost node); every epoch reports a checkpoint and a restarted group goes on
+    from the latest one, to the result the run would have given uninterrupted. 0 = fail at once.
+    Needs ``storage_path`` on storage every node sees when workers span nodes. Local mode has no
+    restarts.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if max_failures < 0:
+        raise ValueError(f"train.max_failures: must be >= 0, got {max_failures}")
     _check_resources(num_workers, cpus_per_worker, spec.use_gpu)
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -728,7 +916,10 @@ def train(
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(storage_path).resolve()),
+            # Every epoch reports a checkpoint that also holds the best model so far: the latest
+            # one is all a restart or the caller needs.
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     t0 = time.perf_counter()

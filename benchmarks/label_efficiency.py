@@ -1,0 +1,381 @@
+"""Label efficiency on CamVid: selection strategies against random, several seeds (a script, not a test).
+
+    .venv/bin/python benchmarks/label_efficiency.py                      # the CPU setting below
+    .venv/bin/python benchmarks/label_efficiency.py --report-only        # tables and plot from the CSV
+
+Every run is a real Shoal experiment (``orchestrator.ActiveLearningLoop``: Ray Data scoring, the
+strategies' declared columns and embeddings, the simulated oracle, MLflow in the run's work dir)
+on ``configs/camvid.yaml``: the 367 CamVid train images are the pool, the 101 val images the test
+set. For each seed the initial labeled set is the same for every strategy (it depends on the seed
+only), and so is the budget per round; round r's model is trained from scratch on the labels of
+rounds < r and its best epoch by val mIoU is kept (as every round does), after enough steps to
+converge on small sets (``--epochs`` x ``--samples-per-epoch``).
+
+Writes ``benchmarks/results/label_efficiency.csv`` (one row per strategy, seed and round),
+``label_efficiency.md`` (mean and standard deviation over seeds of val mIoU at each labeled count,
+the area under each curve, each point as a % of the full-supervision reference, and each strategy's
+paired difference to random) and ``label_efficiency.png``. Runs already finished in ``--workdir``
+are reused, so an interrupted benchmark continues where it stopped.
+
+Region-level runs (``--strategies random region_class_balanced region_random``, ``loop.unit:
+region``) label superpixels under a click budget per round (``--budget-clicks``; by default what
+``--budget`` whole images cost on average, so both units spend the same clicks per round). Every CSV
+row carries ``clicks`` (the clicks of the labels the round's model was trained on, the initial set's
+polygons included) and ``labeled_clicks`` (after the round's labeling); with region runs the report
+adds val mIoU on the click axis for every strategy and the clicks each needed to reach 95% of the
+full-supervision reference.
+
+On a GPU cluster, the same comparison at full scale is a config change, e.g.::
+
+    .venv/bin/python benchmarks/label_efficiency.py --size 360 480 --rounds 8 --epochs 40 \\
+        --set train.use_gpu=true --set train.num_workers=4 --set score.gpus_per_actor=0.25 \\
+        --set score.num_actors=4 --reference benchmarks/results/camvid_reference_full.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from orchestrator import ActiveLearningLoop, config_from_dict  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/camvid"
+RESULTS = ROOT / "benchmarks/results"
+log = logging.getLogger("label_efficiency")
+
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "random": {"strategy": "random"},
+    "entropy_topk": {"strategy": "entropy", "strategy_options": {"aggregation": "topk"}},
+    "entropy_classweighted": {"strategy": "entropy", "strategy_options": {"aggregation": "classweighted"}},
+    "coreset": {"strategy": "coreset"},
+    "cluster_uncertainty": {"strategy": "cluster_uncertainty"},
+    "class_balance": {"strategy": "class_balance"},
+    "fusion_entropy_balance": {"strategy": "fusion", "strategy_options": {"members": {
+        "entropy": {"weight": 0.5, "aggregation": "topk"}, "class_balance": 0.5}}},
+    "power_entropy": {"strategy": "power", "strategy_options": {"base": {"name": "entropy", "aggregation": "topk"}}},
+    # region-level: superpixels labeled under --budget-clicks per round (see run_config)
+    "region_class_balanced": {"strategy": "region_class_balanced", "unit": "region"},
+    "region_uncertainty": {"strategy": "region_uncertainty", "unit": "region"},
+    "region_random": {"strategy": "region_random", "unit": "region"},
+}
+DEFAULT = ["random", "entropy_topk", "coreset", "fusion_entropy_balance"]
+REGION_STRATEGIES = [name for name, entry in STRATEGIES.items() if entry.get("unit") == "region"]
+REACH = 0.95
+"""The share of the full-supervision reference whose cost (in clicks) the click-axis report gives."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--strategies", nargs="+", default=DEFAULT, choices=sorted(STRATEGIES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--size", type=int, nargs=2, default=[48, 64], metavar=("H", "W"))
+    p.add_argument("--initial", type=int, default=20, help="initial labeled images (random, per seed)")
+    p.add_argument("--budget", type=int, default=20, help="images labeled per round")
+    p.add_argument("--rounds", type=int, default=4, help="rounds; round r trains on initial + (r-1) * budget")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--samples-per-epoch", type=int, default=120)
+    p.add_argument("--budget-clicks", type=float, default=None,
+                   help="region runs: clicks per round (default: --budget times the mean click cost of a train image)")
+    p.add_argument("--region-method", choices=["slic", "grid"], default="slic", help="region runs: how images are cut")
+    p.add_argument("--region-segments", type=int, default=100,
+                   help="region runs, slic: superpixels per image at --size")
+    p.add_argument("--cell-px", type=int, default=8, help="region runs, grid: cell side in pixels at --size")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/shoal-label-efficiency"))
+    p.add_argument("--reference", type=Path, default=RESULTS / "camvid_reference_48x64.json",
+                   help="full-supervision reference JSON (benchmarks/camvid_reference.py) at the same size")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.use_gpu=true (repeatable)")
+    p.add_argument("--out", default="label_efficiency", help="file stem under benchmarks/results")
+    p.add_argument("--report-only", action="store_true", help="rebuild the tables and plot from the CSV")
+    return p.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
+    base = yaml.safe_load((ROOT / "configs/camvid.yaml").read_text())
+    base["experiment"] = {"name": f"le-{strategy}", "seed": seed}
+    base["data"].update({"train_dir": str(args.data / "train"), "val_dir": str(args.data / "val"),
+                         "image_size": list(args.size)})
+    base["train"].update({"epochs": args.epochs, "samples_per_epoch": args.samples_per_epoch, "num_workers": 0})
+    base["loop"] = {"initial_labeled": args.initial, "budget": args.budget, "rounds": args.rounds,
+                    **STRATEGIES[strategy]}
+    if STRATEGIES[strategy].get("unit") == "region":
+        base["regions"] = {"method": args.region_method, "n_segments": args.region_segments, "cell_px": args.cell_px,
+                           "budget_clicks": args.budget_clicks or default_budget_clicks(args)}
+    base["ray"] = {"num_cpus": os.cpu_count() or 2}
+    return config_from_dict(base, [*args.overrides])
+
+
+_IMAGE_CLICKS: dict[str, float] = {}
+
+
+def default_budget_clicks(args: argparse.Namespace, sample: int = 40) -> float:
+    """``--budget`` times the mean click cost of drawing a train image (its polygons, the default
+    cost model), over a fixed sample of train masks: region runs then spend per round what
+    image-level runs do."""
+    key = str(args.data)
+    if key not in _IMAGE_CLICKS:
+        from workers import image_annotation_costs, scan_folder_dataset
+
+        classes, records = scan_folder_dataset(str(args.data / "train"))
+        picked = [records[i] for i in np.random.default_rng(0).permutation(len(records))[:sample]]
+        costs = image_annotation_costs([r.sample_id for r in picked], [r.mask_path for r in picked], classes)
+        _IMAGE_CLICKS[key] = float(costs["clicks"].mean())
+        log.info("a train image costs %.0f clicks on average (%d masks): %d images = %.0f clicks per round",
+                 _IMAGE_CLICKS[key], len(picked), args.budget, args.budget * _IMAGE_CLICKS[key])
+    return round(args.budget * _IMAGE_CLICKS[key])
+
+
+def run_all(args: argparse.Namespace, csv: Path) -> pd.DataFrame:
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for strategy in args.strategies:
+            workdir = args.workdir / f"{strategy}-seed{seed}"
+            cfg = run_config(args, strategy, seed)
+            t0 = time.perf_counter()
+            try:
+                loop = ActiveLearningLoop(cfg, workdir)
+            except ValueError:  # a different config from an earlier invocation: start over
+                import shutil
+
+                shutil.rmtree(workdir)
+                loop = ActiveLearningLoop(cfg, workdir)
+            loop.run()
+            log.info("%s seed %d: %.0f s, val mIoU %s", strategy, seed, time.perf_counter() - t0,
+                     [round(r.val_miou, 4) for r in loop.history])
+            for r in loop.history:
+                rows.append({"strategy": strategy, "seed": seed, "round": r.round, "trained_on": r.trained_on,
+                             "val_miou": r.val_miou, "round_seconds": r.seconds,
+                             "train_seconds": r.timings["train"], "score_seconds": r.timings["score"],
+                             "select_seconds": r.timings["select"],
+                             # the click axis (absent from rounds run before Shoal counted clicks)
+                             "clicks": r.extra.get("trained_on_clicks"), "labeled_clicks": r.extra.get("clicks")})
+            # written after every run, so a long benchmark can be looked at while it goes
+            pd.DataFrame(rows).to_csv(csv, index=False)
+    return pd.DataFrame(rows)
+
+
+def auc(group: pd.DataFrame) -> float:
+    from workers import learning_curve_auc
+
+    return learning_curve_auc(group["trained_on"].to_numpy(), group["val_miou"].to_numpy())
+
+
+def summarize(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
+    regions = df[df["strategy"].isin(REGION_STRATEGIES)]
+    images = df[~df["strategy"].isin(REGION_STRATEGIES)]
+    summary = summarize_images(images, reference) if len(images) else {
+        "counts": [], "curves": {}, "paired_vs_random": {}, "reference_miou": reference}
+    if len(regions) and "clicks" in df.columns:  # region runs: every strategy on the click axis too
+        summary["clicks"] = summarize_clicks(df, reference)
+    return summary
+
+
+def summarize_clicks(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
+    """Per strategy and round: mean clicks trained on and val mIoU (mean, std over seeds); the
+    mean clicks of the first round whose mean val mIoU reaches ``REACH`` of the reference."""
+    out: dict[str, Any] = {}
+    for s in dict.fromkeys(df["strategy"]):
+        sub = df[df["strategy"] == s]
+        stats = sub.groupby("round").agg(clicks=("clicks", "mean"), miou=("val_miou", "mean"),
+                                         std=("val_miou", "std"), seeds=("seed", "nunique"))
+        reached = stats[stats["miou"] >= REACH * reference] if reference else stats.iloc[:0]
+        out[s] = {"round": stats.index.tolist(), "clicks": stats["clicks"].tolist(), "mean": stats["miou"].tolist(),
+                  "std": stats["std"].fillna(0.0).tolist(), "seeds": int(stats["seeds"].max()),
+                  "clicks_to_reach": float(reached["clicks"].iloc[0]) if len(reached) else None}
+    return out
+
+
+def summarize_images(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
+    counts = sorted(df["trained_on"].unique())
+    strategies = list(dict.fromkeys(df["strategy"]))
+    curves: dict[str, Any] = {}
+    aucs = df.groupby(["strategy", "seed"]).apply(auc, include_groups=False).rename("auc").reset_index()
+    for s in strategies:
+        sub = df[df["strategy"] == s]
+        stats = sub.groupby("trained_on")["val_miou"].agg(["mean", "std", "count"]).reindex(counts)
+        a = aucs[aucs["strategy"] == s]["auc"]
+        curves[s] = {"mean": stats["mean"].tolist(), "std": stats["std"].fillna(0.0).tolist(),
+                     "seeds": int(stats["count"].max()), "auc_mean": float(a.mean()), "auc_std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+    paired: dict[str, Any] = {}
+    if "random" in strategies:
+        base = aucs[aucs["strategy"] == "random"].set_index("seed")["auc"]
+        for s in strategies:
+            if s == "random":
+                continue
+            mine = aucs[aucs["strategy"] == s].set_index("seed")["auc"]
+            common = base.index.intersection(mine.index)
+            diff = (mine[common] - base[common]).to_numpy()
+            wins = int((diff > 0).sum())
+            se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+            paired[s] = {"auc_diff_mean": float(diff.mean()) if len(diff) else float("nan"), "auc_diff_se": se,
+                         "seeds_better": wins, "seeds": int(len(diff))}
+    return {"counts": [int(c) for c in counts], "curves": curves, "paired_vs_random": paired, "reference_miou": reference}
+
+
+def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any], meta: dict[str, Any]) -> None:
+    ref = summary["reference_miou"]
+    counts = summary["counts"]
+    lines = [
+        "# Label efficiency on CamVid: strategies against random",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"{meta['date']}; {meta['machine']}. Wall time {meta['wall_minutes']:.1f} min for the runs this invocation "
+        f"made (runs reused from the work dir not counted). Load average before {meta['load_before']}, after {meta['load_after']} "
+        "(the machine is shared).",
+        "",
+        f"Setting: `configs/camvid.yaml` (unet, base 16, depth 3) at {args.size[0]}x{args.size[1]}; pool = the 367 train "
+        f"images, test = the 101 val images; {args.initial} initial images at random (the same set for every strategy of a "
+        f"seed), {args.budget} per round, {args.rounds} rounds; every round trains from scratch for {args.epochs} epochs of "
+        f"{args.samples_per_epoch} samples and keeps the best epoch by val mIoU; seeds {', '.join(map(str, args.seeds))}.",
+        "",
+        "## val mIoU by labeled images (mean ± std over seeds)",
+        "",
+        "| strategy | " + " | ".join(str(c) for c in counts) + " | AUC (mean ± std) |",
+        "|---|" + "---:|" * (len(counts) + 1),
+    ]
+    for s, c in summary["curves"].items():
+        cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in zip(c["mean"], c["std"])]
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {c['auc_mean']:.4f} ± {c['auc_std']:.4f} |")
+    if ref:
+        lines += ["", f"## As a % of the full-supervision reference (val mIoU {ref:.3f}: all 367 images, same recipe and size)", "",
+                  "| strategy | " + " | ".join(str(c) for c in counts) + " |", "|---|" + "---:|" * len(counts)]
+        for s, c in summary["curves"].items():
+            lines.append(f"| {s} | " + " | ".join(f"{100 * m / ref:.1f}%" for m in c["mean"]) + " |")
+    if summary["paired_vs_random"]:
+        lines += ["", "## Against random, paired by seed (same initial set)", "",
+                  "| strategy | AUC difference (mean ± s.e.) | seeds better than random |", "|---|---:|---:|"]
+        for s, p in summary["paired_vs_random"].items():
+            lines.append(f"| {s} | {p['auc_diff_mean']:+.4f} ± {p['auc_diff_se']:.4f} | {p['seeds_better']} of {p['seeds']} |")
+    lines += ["", "AUC: the area under val mIoU over labeled images, divided by the range of labeled images "
+              "(the mean mIoU over the curve). The best epoch is chosen on the same val images the table reports "
+              "(as in every Shoal round); that flatters every strategy alike by a little."]
+    if summary.get("clicks"):
+        lines += ["", "## val mIoU by annotator clicks (region-level and image-level runs; mean over seeds)", "",
+                  "Clicks: the labels each round's model was trained on, by `strategies.CostModel` (an image: its "
+                  "polygons' vertices; a region: one click, plus polygons when mixed). Image-level rows count whole "
+                  "images; region-level rows count regions.", "",
+                  f"| strategy | clicks → val mIoU (± std) per round | clicks to reach {100 * REACH:.0f}% of the reference |",
+                  "|---|---|---:|"]
+        for s, c in summary["clicks"].items():
+            points = ", ".join(f"{k:.0f} → {m:.3f} ± {sd:.3f}" for k, m, sd in zip(c["clicks"], c["mean"], c["std"]))
+            reach = f"{c['clicks_to_reach']:.0f}" if c["clicks_to_reach"] is not None else "not reached"
+            lines.append(f"| {s} | {points} | {reach} |")
+    if meta.get("verdict"):
+        lines += ["", "## Reading", "", meta["verdict"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, summary: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = np.asarray(summary["counts"])
+    for s, c in summary["curves"].items():
+        m, sd = np.asarray(c["mean"]), np.asarray(c["std"])
+        ax.plot(x, m, marker="o", label=f"{s} (AUC {c['auc_mean']:.3f})", linestyle="--" if s == "random" else "-")
+        ax.fill_between(x, m - sd, m + sd, alpha=0.15)
+    if summary["reference_miou"]:
+        ax.axhline(summary["reference_miou"], color="k", linewidth=0.8, label="full supervision (367 images)")
+    ax.set_xlabel("labeled images")
+    ax.set_ylabel("val mIoU")
+    ax.set_title("CamVid label efficiency (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_clicks(path: Path, summary: dict[str, Any]) -> None:
+    """val mIoU over clicks for every strategy (region-level and image-level runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s, c in summary["clicks"].items():
+        x, m, sd = np.asarray(c["clicks"]), np.asarray(c["mean"]), np.asarray(c["std"])
+        ax.plot(x, m, marker="o", label=s, linestyle="-" if s in REGION_STRATEGIES else "--")
+        ax.fill_between(x, m - sd, m + sd, alpha=0.15)
+    if summary["reference_miou"]:
+        ax.axhline(REACH * summary["reference_miou"], color="k", linewidth=0.8,
+                   label=f"{100 * REACH:.0f}% of full supervision")
+    ax.set_xlabel("annotator clicks (labels trained on)")
+    ax.set_ylabel("val mIoU")
+    ax.set_title("CamVid: regions against images on the click axis (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    parts = []
+    for s, p in summary["paired_vs_random"].items():
+        diff, se = p["auc_diff_mean"], p["auc_diff_se"]
+        clear = math.isfinite(se) and abs(diff) > 2 * se
+        word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
+        parts.append(f"{s} {word} random (AUC {diff:+.4f} ± {se:.4f}, better on {p['seeds_better']} of {p['seeds']} seeds)")
+    return "; ".join(parts) + ". A difference counts as clear here only when it exceeds twice its standard error."
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("ray", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv = RESULTS / f"{args.out}.csv"
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    t0 = time.perf_counter()
+    df = pd.read_csv(csv) if args.report_only else run_all(args, csv)
+    wall = (time.perf_counter() - t0) / 60
+    reference = None
+    if args.reference.exists():
+        reference = float(json.loads(args.reference.read_text())["val_miou"])
+    summary = summarize(df, reference)
+    meta = {
+        "command": shlex.join([".venv/bin/python", "benchmarks/label_efficiency.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
+        "wall_minutes": wall, "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
+    }
+    previous = RESULTS / f"{args.out}.json"
+    if args.report_only and previous.exists():  # the figures of the invocation that ran the experiments
+        ran = json.loads(previous.read_text())
+        meta.update({k: ran[k] for k in ("command", "date", "wall_minutes", "load_before", "load_after") if k in ran})
+    meta["verdict"] = verdict(summary) if summary["paired_vs_random"] else ""
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                           **summary, **meta}, indent=2) + "\n")
+    write_markdown(RESULTS / f"{args.out}.md", args, summary, meta)
+    plot(RESULTS / f"{args.out}.png", summary)
+    if summary.get("clicks"):
+        plot_clicks(RESULTS / f"{args.out}_clicks.png", summary)
+    print((RESULTS / f"{args.out}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
