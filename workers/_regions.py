@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import uuid
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,7 @@ import cv2
 import numpy as np
 
 from ._data import load_image
-from ._sam_cache import file_digest
+from ._sam_cache import NpzShards, file_digest
 
 if TYPE_CHECKING:
     from ._sam import SamEngine, SamSpec
@@ -266,7 +265,7 @@ def sam_masks(engine: SamEngine, generator: Any, path: str, image: np.ndarray) -
 # -- the cache ---------------------------------------------------------------------------------------------
 
 
-class RegionCache:
+class RegionCache(NpzShards):
     """Region maps of one :class:`RegionSpec` under ``root`` (a local path or a pyarrow filesystem URI):
 
         <root>/<spec key>/<sha[:2]>/<sha>.npz      (compressed; ``sha`` = sha256 of the image file)
@@ -278,45 +277,23 @@ class RegionCache:
     """
 
     def __init__(self, root: str | os.PathLike[str], spec: RegionSpec, sam_checkpoint_id: str | None = None) -> None:
-        import pyarrow.fs as pafs
-
-        root = str(root)
-        if "://" not in root:
-            root = os.path.abspath(root)
-        self.fs, base = pafs.FileSystem.from_uri(root)
+        super().__init__(root, spec.key(sam_checkpoint_id), "region", CACHE_FORMAT)
         self.spec = spec
         self.key = spec.key(sam_checkpoint_id)
-        self.dir = f"{base.rstrip('/')}/{self.key}"
         self._params = {**spec.params(), **({"sam_checkpoint_id": sam_checkpoint_id} if spec.method == "sam" else {})}
         self._described = False
-        self.hits = 0
-        self.misses = 0
-
-    def path(self, digest: str) -> str:
-        return f"{self.dir}/{digest[:2]}/{digest}.npz"
 
     def get(self, digest: str) -> np.ndarray | None:
         """int32 [*spec.image_size], or None."""
-        path = self.path(digest)
-        try:
-            with self.fs.open_input_file(path) as fh:
-                data = fh.readall()
-        except FileNotFoundError:
-            self.misses += 1
-            return None
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                if int(npz["format"]) != CACHE_FORMAT:
-                    raise ValueError(f"format {int(npz['format'])}, expected {CACHE_FORMAT}")
-                regions = npz["regions"].astype(np.int32)
+
+        def check(arrays: dict[str, np.ndarray]) -> np.ndarray:
+            regions = arrays["regions"].astype(np.int32)
             if tuple(regions.shape) != self.spec.image_size:
                 raise ValueError(f"shape {regions.shape}, expected {self.spec.image_size}")
-        except Exception as exc:  # a damaged or outdated entry is recomputed and overwritten
-            log.warning("region cache entry %s is unreadable (%s); computing the regions again", path, exc)
-            self.misses += 1
-            return None
-        self.hits += 1
-        return regions
+            return regions
+
+        found: np.ndarray | None = self.read(digest, check)
+        return found
 
     def put(self, digest: str, regions: np.ndarray) -> None:
         regions = np.asarray(regions)
@@ -326,22 +303,10 @@ class RegionCache:
         stored = regions.astype(np.uint16) if regions.max(initial=0) < 2**16 else regions.astype(np.int32)
         buf = io.BytesIO()
         np.savez_compressed(buf, format=np.int64(CACHE_FORMAT), regions=stored)
-        self._write(self.path(digest), buf.getvalue())
+        self.write(self.path(digest), buf.getvalue())
         if not self._described:
-            self._write(f"{self.dir}/spec.json", json.dumps(self._params, indent=2, sort_keys=True).encode())
+            self.write(f"{self.dir}/spec.json", json.dumps(self._params, indent=2, sort_keys=True).encode())
             self._described = True
-
-    def _write(self, path: str, data: bytes) -> None:
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, path)
-
-    def __contains__(self, digest: Any) -> bool:
-        import pyarrow.fs as pafs
-
-        return bool(self.fs.get_file_info(self.path(str(digest))).type == pafs.FileType.File)
 
 
 # -- the proposer ------------------------------------------------------------------------------------------

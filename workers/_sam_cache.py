@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,29 +68,33 @@ def checkpoint_digest(path: str | os.PathLike[str]) -> str:
     return _CHECKPOINT_DIGESTS[key]
 
 
-class EmbeddingCache:
-    """Embeddings of one SAM checkpoint under ``root`` (a local path or a pyarrow filesystem URI).
+class NpzShards:
+    """Content-addressed ``.npz`` entries under ``<root>/<subdir>/<sha[:2]>/<sha>.npz`` (``root`` a
+    local path or a pyarrow filesystem URI), shared by the SAM embedding and region caches.
 
-    ``get`` returns None for a missing, unreadable or outdated entry (a miss: the caller embeds the
-    image and ``put``s it). Counters ``hits`` and ``misses`` count ``get`` calls.
+    ``read`` returns the entry's arrays, or None for a missing, unreadable or outdated entry (a miss,
+    logged when the file exists); ``write`` goes through a temporary file and a rename, so concurrent
+    actors and later rounds never read half a file. ``hits`` and ``misses`` count ``read`` calls.
     """
 
-    def __init__(self, root: str | os.PathLike[str], checkpoint_id: str) -> None:
+    def __init__(self, root: str | os.PathLike[str], subdir: str, what: str, version: int) -> None:
         import pyarrow.fs as pafs
 
         root = str(root)
         if "://" not in root:
             root = os.path.abspath(root)
         self.fs, base = pafs.FileSystem.from_uri(root)
-        self.checkpoint_id = checkpoint_id
-        self.dir = f"{base.rstrip('/')}/{checkpoint_id}"
+        self.dir = f"{base.rstrip('/')}/{subdir}"
+        self.what = what
+        self.version = version
         self.hits = 0
         self.misses = 0
 
     def path(self, digest: str) -> str:
         return f"{self.dir}/{digest[:2]}/{digest}.npz"
 
-    def get(self, digest: str) -> SamEmbedding | None:
+    def read(self, digest: str, check: Callable[[dict[str, np.ndarray]], Any]) -> Any:
+        """``check(arrays)`` of the entry (it raises on an outdated one), or None on a miss."""
         path = self.path(digest)
         try:
             with self.fs.open_input_file(path) as fh:
@@ -99,33 +104,51 @@ class EmbeddingCache:
             return None
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                if int(npz["format"]) != CACHE_FORMAT:
-                    raise ValueError(f"format {int(npz['format'])}, expected {CACHE_FORMAT}")
-                entry = SamEmbedding(
-                    features=npz["features"],
-                    input_hw=(int(npz["input_hw"][0]), int(npz["input_hw"][1])),
-                    original_hw=(int(npz["original_hw"][0]), int(npz["original_hw"][1])),
-                )
-        except Exception as exc:  # a damaged or outdated entry is re-embedded and overwritten
-            log.warning("SAM cache entry %s is unreadable (%s); embedding the image again", path, exc)
+                if int(npz["format"]) != self.version:
+                    raise ValueError(f"format {int(npz['format'])}, expected {self.version}")
+                entry = check({k: npz[k] for k in npz.files})
+        except Exception as exc:  # a damaged or outdated entry is computed again and overwritten
+            log.warning("%s cache entry %s is unreadable (%s); computing it again", self.what, path, exc)
             self.misses += 1
             return None
         self.hits += 1
         return entry
 
-    def put(self, digest: str, entry: SamEmbedding) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, format=np.int64(CACHE_FORMAT), features=np.asarray(entry.features, np.float16),
-                 input_hw=np.asarray(entry.input_hw, np.int64), original_hw=np.asarray(entry.original_hw, np.int64))
-        path = self.path(digest)
+    def write(self, path: str, data: bytes) -> None:
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        # Temp name + rename: concurrent actors embedding the same image both write whole files.
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with self.fs.open_output_stream(tmp) as out:
-            out.write(buf.getvalue())
+            out.write(data)
         self.fs.move(tmp, path)
 
     def __contains__(self, digest: Any) -> bool:
         import pyarrow.fs as pafs
 
         return bool(self.fs.get_file_info(self.path(str(digest))).type == pafs.FileType.File)
+
+
+class EmbeddingCache(NpzShards):
+    """Embeddings of one SAM checkpoint under ``root`` (a local path or a pyarrow filesystem URI).
+
+    ``get`` returns None for a missing, unreadable or outdated entry (a miss: the caller embeds the
+    image and ``put``s it). Counters ``hits`` and ``misses`` count ``get`` calls.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], checkpoint_id: str) -> None:
+        super().__init__(root, checkpoint_id, "SAM", CACHE_FORMAT)
+        self.checkpoint_id = checkpoint_id
+
+    def get(self, digest: str) -> SamEmbedding | None:
+        entry: SamEmbedding | None = self.read(digest, lambda a: SamEmbedding(
+            features=a["features"],
+            input_hw=(int(a["input_hw"][0]), int(a["input_hw"][1])),
+            original_hw=(int(a["original_hw"][0]), int(a["original_hw"][1])),
+        ))
+        return entry
+
+    def put(self, digest: str, entry: SamEmbedding) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, format=np.int64(CACHE_FORMAT), features=np.asarray(entry.features, np.float16),
+                 input_hw=np.asarray(entry.input_hw, np.int64), original_hw=np.asarray(entry.original_hw, np.int64))
+        # Temp name + rename: concurrent actors embedding the same image both write whole files.
+        self.write(self.path(digest), buf.getvalue())
