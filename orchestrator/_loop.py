@@ -713,7 +713,7 @@ class ActiveLearningLoop:
         bad = values.isna() | ~np.isfinite(values.fillna(0.0))
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(f"{path} row {row + 2}: weight {table[WEIGHT].iloc[row]!r} is not a finite number")
+            raise ValueError(f"{path} row {row + 2}: weight {str(table[WEIGHT].iloc[row])!r} is not a finite number")
         return dict(zip(table[SAMPLE_ID], values.astype(float)))
 
     def _init_checkpoint(self, state: State) -> str | None:

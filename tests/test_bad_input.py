@@ -380,3 +380,35 @@ def test_torch_load_refuses_pickled_code(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|not allowed|global"):
         load_checkpoint(path)
     _ = np  # numpy used by the corpus helpers
+
+
+@pytest.mark.parametrize("content, message", [
+    ("sample_id,weight\na,1\na,2\n", "sample_id 'a' appears more than once"),
+    ("sample_id,weight\na,heavy\n", "row 2: weight 'heavy' is not a finite number"),
+    ("sample_id,weight\na,inf\n", "row 2: weight 'inf' is not a finite number"),
+    ("id,w\na,1\n", "expected the header sample_id,weight"),
+])
+def test_bad_weight_override_files_are_refused_naming_the_file(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "weights.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        ActiveLearningLoop._weight_overrides(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_weight_override_file_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="loop.reweighting.override_file: .*nowhere.csv"):
+        ActiveLearningLoop._weight_overrides(str(tmp_path / "nowhere.csv"))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"reweighting": {"policy": "lossy"}}, "loop.reweighting.policy: unknown policy 'lossy'"),
+    ({"reweighting": {"policy": "loss", "options": {"cap": 3}}}, "loop.reweighting.options: policy 'loss' has no option 'cap'"),
+    ({"stopping": {"plateau_rounds": 0}}, "loop.stopping.plateau_rounds: must be >= 1"),
+    ({"initial_strategy": "kmeans"}, "loop.initial_strategy"),
+])
+def test_bad_loop_settings_name_the_field(section: dict, message: str) -> None:
+    from .conftest import tiny_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_dict(tiny_config(loop=section))
