@@ -40,8 +40,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from orchestrator import load_config  # noqa: E402
-from workers import AugmentSpec, LossSpec, TrainSpec, scan_folder_dataset  # noqa: E402
-from workers._train import result_from_loop, train_loop  # noqa: E402
+from workers import (  # noqa: E402
+    AugmentSpec,
+    LossSpec,
+    TrainSpec,
+    load_checkpoint,
+    metrics_from_confusion,
+    scan_folder_dataset,
+)
+from workers._train import SegmentationDataset, evaluate_dataset, result_from_loop, train_loop  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/camvid"
 CONFIG = ROOT / "configs/camvid.yaml"
@@ -64,18 +71,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="default the config's train.lr (6e-5 for a pretrained SegFormer)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (default all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-images", type=int, default=0,
+                   help="hold out this many val images as a test set (split_val): the best epoch is chosen on the "
+                        "other val images and the test mIoU is reported too (0 = no split)")
     p.add_argument("--tag", default="camvid_reference", help="output name under benchmarks/results/")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs/camvid_reference", help="checkpoint folder (git-ignored)")
     args = p.parse_args(argv)
     if args.pretrained and not args.segformer_b0:
         p.error("--pretrained needs --segformer-b0")
+    args.test_dir = None  # set by build_spec with --test-images
     return args
+
+
+def split_val(data: Path, test_images: int, root: Path) -> tuple[Path, Path]:
+    """CamVid's val images cut in two with a fixed permutation: ``(val_dir, test_dir)`` under
+    ``root`` (folders of links to the images and masks, beside a link to ``classes.json``).
+    The val part chooses each model's best epoch; the ``test_images`` others only measure it, so the
+    figures reported are not the maximum of noisy values on the images that chose them."""
+    images = sorted((data / "val" / "images").iterdir())
+    if not 0 < test_images < len(images):
+        raise ValueError(f"--test-images: must be in 1..{len(images) - 1}, got {test_images}")
+    order = np.random.default_rng(0).permutation(len(images))
+    parts = {"test": sorted(order[:test_images]), "val": sorted(order[test_images:])}
+    masks = {p.stem: p for p in (data / "val" / "masks").iterdir()}
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "classes.json").exists():
+        (root / "classes.json").symlink_to((data / "classes.json").resolve())
+    for name, picked in parts.items():
+        for kind in ("images", "masks"):
+            folder = root / name / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in picked:
+                src = images[i] if kind == "images" else masks[images[i].stem]
+                link = folder / src.name
+                if not link.exists():
+                    link.symlink_to(src.resolve())
+    return root / "val", root / "test"
+
+
+def test_miou(checkpoint: str, test_dir: Path, size: tuple[int, int]) -> float:
+    """mIoU (classes present) of the model saved at ``checkpoint`` on every image of ``test_dir``."""
+    classes, records = scan_folder_dataset(test_dir)
+    model = load_checkpoint(checkpoint).eval()
+    data = SegmentationDataset([r.image_path for r in records], [str(r.mask_path) for r in records], classes,
+                               (int(size[0]), int(size[1])), cache=False)
+    evaluation = evaluate_dataset(model, data, len(classes.names), classes.ignore_index, torch.device("cpu"))
+    return float(metrics_from_confusion(evaluation.confusion).miou)
 
 
 def build_spec(args: argparse.Namespace) -> TrainSpec:
     cfg = load_config(args.config)
     classes, train = scan_folder_dataset(args.data / "train")
-    val_classes, val = scan_folder_dataset(args.data / "val")
+    val_dir = args.data / "val"
+    if args.test_images:
+        val_dir, args.test_dir = split_val(args.data, args.test_images, args.workdir / "camvid-split")
+    val_classes, val = scan_folder_dataset(val_dir)
     if val_classes != classes:
         raise ValueError(f"{args.data}: val classes {val_classes} differ from train classes {classes}")
     missing = [r.sample_id for r in (*train, *val) if r.mask_path is None]
@@ -146,6 +196,8 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
         "| metric | best epoch | last epoch |",
         "|---|---:|---:|",
         f"| mIoU (classes present) | {fmt(r['val_miou'])} | {fmt(r['last_epoch_val_miou'])} |",
+        *([f"| test mIoU ({r['test_images']} held-out val images; the best epoch chosen on the other "
+           f"{r['val_images']}) | {fmt(r['test_miou'])} | |"] if r.get("test_miou") is not None else []),
         f"| pixel accuracy | {fmt(r['val_pixel_accuracy'])} | {fmt(r['last_epoch_val_pixel_accuracy'])} |",
         f"| frequency-weighted IoU | {fmt(r['val_fw_iou'])} | |",
         f"| mean Dice | {fmt(r['val_mean_dice'])} | |",
@@ -226,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         "augment": dataclasses.asdict(spec.augment),
         "seed": spec.seed,
         "val_miou": result.val_miou,
+        "test_images": args.test_images,
+        "test_miou": test_miou(result.checkpoint_path, args.test_dir, spec.image_size) if args.test_dir else None,
         "val_pixel_accuracy": result.val_pixel_accuracy,
         "val_fw_iou": result.val_fw_iou,
         "val_mean_dice": result.val_mean_dice,

@@ -48,10 +48,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from camvid_reference import split_val, test_miou  # noqa: E402
 
 from orchestrator import ActiveLearningLoop, config_from_dict  # noqa: E402
 
@@ -98,8 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell-px", type=int, default=8, help="region runs, grid: cell side in pixels at --size")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/shoal-label-efficiency"))
-    p.add_argument("--reference", type=Path, default=RESULTS / "camvid_reference_48x64.json",
-                   help="full-supervision reference JSON (benchmarks/camvid_reference.py) at the same size")
+    p.add_argument("--test-images", type=int, default=50,
+                   help="hold out this many of the 101 val images as the test set the curves report; the rounds "
+                        "choose their best epoch on the other val images (0 = val does both)")
+    p.add_argument("--reference", type=Path, default=RESULTS / "camvid_reference_48x64_test50.json",
+                   help="full-supervision reference JSON (benchmarks/camvid_reference.py) at the same size "
+                        "(and the same --test-images)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.use_gpu=true (repeatable)")
     p.add_argument("--out", default="label_efficiency", help="file stem under benchmarks/results")
@@ -110,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
     base = yaml.safe_load((ROOT / "configs/camvid.yaml").read_text())
     base["experiment"] = {"name": f"le-{strategy}", "seed": seed}
-    base["data"].update({"train_dir": str(args.data / "train"), "val_dir": str(args.data / "val"),
+    base["data"].update({"train_dir": str(args.data / "train"), "val_dir": str(val_dir(args)),
                          "image_size": list(args.size)})
     base["train"].update({"epochs": args.epochs, "samples_per_epoch": args.samples_per_epoch, "num_workers": 0})
     base["loop"] = {"initial_labeled": args.initial, "budget": args.budget, "rounds": args.rounds,
@@ -120,6 +126,17 @@ def run_config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
                            "budget_clicks": args.budget_clicks or default_budget_clicks(args)}
     base["ray"] = {"num_cpus": os.cpu_count() or 2}
     return config_from_dict(base, [*args.overrides])
+
+
+def val_dir(args: argparse.Namespace) -> Path:
+    """The loop's validation folder: CamVid val, or with ``--test-images`` the part of it not held out."""
+    if not args.test_images:
+        return Path(args.data / "val")
+    return split_val(args.data, args.test_images, args.workdir / "camvid-split")[0]
+
+
+def test_dir(args: argparse.Namespace) -> Path | None:
+    return split_val(args.data, args.test_images, args.workdir / "camvid-split")[1] if args.test_images else None
 
 
 _IMAGE_CLICKS: dict[str, float] = {}
@@ -159,9 +176,13 @@ def run_all(args: argparse.Namespace, csv: Path) -> pd.DataFrame:
             loop.run()
             log.info("%s seed %d: %.0f s, val mIoU %s", strategy, seed, time.perf_counter() - t0,
                      [round(r.val_miou, 4) for r in loop.history])
+            held_out = test_dir(args)
             for r in loop.history:
+                model = workdir / "rounds" / f"round-{r.round:03d}" / "model.pt"
                 rows.append({"strategy": strategy, "seed": seed, "round": r.round, "trained_on": r.trained_on,
-                             "val_miou": r.val_miou, "round_seconds": r.seconds,
+                             "val_miou": r.val_miou,
+                             "test_miou": test_miou(str(model), held_out, tuple(args.size)) if held_out else None,
+                             "round_seconds": r.seconds,
                              "train_seconds": r.timings["train"], "score_seconds": r.timings["score"],
                              "select_seconds": r.timings["select"],
                              # the click axis (absent from rounds run before Shoal counted clicks)
@@ -174,7 +195,7 @@ def run_all(args: argparse.Namespace, csv: Path) -> pd.DataFrame:
 def auc(group: pd.DataFrame) -> float:
     from workers import learning_curve_auc
 
-    return learning_curve_auc(group["trained_on"].to_numpy(), group["val_miou"].to_numpy())
+    return learning_curve_auc(group["trained_on"].to_numpy(), group["miou"].to_numpy())
 
 
 def summarize(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
@@ -189,17 +210,49 @@ def summarize(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
 
 def summarize_clicks(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
     """Per strategy and round: mean clicks trained on and val mIoU (mean, std over seeds); the
-    mean clicks of the first round whose mean val mIoU reaches ``REACH`` of the reference."""
+    clicks at which the mean curve reaches ``REACH`` of the reference (linear between rounds), and
+    per seed whether it was reached; val mIoU at ``common`` clicks, the most that every run of every
+    strategy reached (each seed's curve interpolated there), so strategies compare at equal cost."""
     out: dict[str, Any] = {}
+    runs = df.dropna(subset=["clicks"]).sort_values("round")
+    common = float(runs.groupby(["strategy", "seed"])["clicks"].max().min())
     for s in dict.fromkeys(df["strategy"]):
-        sub = df[df["strategy"] == s]
-        stats = sub.groupby("round").agg(clicks=("clicks", "mean"), miou=("val_miou", "mean"),
-                                         std=("val_miou", "std"), seeds=("seed", "nunique"))
-        reached = stats[stats["miou"] >= REACH * reference] if reference else stats.iloc[:0]
+        sub = runs[runs["strategy"] == s]
+        stats = sub.groupby("round").agg(clicks=("clicks", "mean"), miou=("miou", "mean"),
+                                         std=("miou", "std"), seeds=("seed", "nunique"))
+        target = REACH * reference if reference else None
+        at_common = {int(seed): float(np.interp(common, g["clicks"], g["miou"])) for seed, g in sub.groupby("seed")}
+        per_seed = [reach_clicks(g["clicks"].to_numpy(), g["miou"].to_numpy(), target) for _, g in sub.groupby("seed")]
         out[s] = {"round": stats.index.tolist(), "clicks": stats["clicks"].tolist(), "mean": stats["miou"].tolist(),
                   "std": stats["std"].fillna(0.0).tolist(), "seeds": int(stats["seeds"].max()),
-                  "clicks_to_reach": float(reached["clicks"].iloc[0]) if len(reached) else None}
+                  "clicks_to_reach": reach_clicks(stats["clicks"].to_numpy(), stats["miou"].to_numpy(), target),
+                  "seeds_reaching": sum(c is not None for c in per_seed),
+                  "best_share": float(stats["miou"].max() / reference) if reference else None,
+                  "common_clicks": common, "miou_at_common": float(np.mean(list(at_common.values()))),
+                  "miou_at_common_std": float(np.std(list(at_common.values()), ddof=1)) if len(at_common) > 1 else 0.0,
+                  "at_common_by_seed": at_common}
+    if "random" in out:  # paired by seed (the same initial set): the difference at equal clicks
+        base = out["random"]["at_common_by_seed"]
+        for c in out.values():
+            diff = np.array([v - base[seed] for seed, v in c["at_common_by_seed"].items() if seed in base])
+            c["vs_random_at_common"] = float(diff.mean()) if len(diff) else float("nan")
+            c["vs_random_at_common_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     return out
+
+
+def reach_clicks(clicks: np.ndarray, miou: np.ndarray, target: float | None) -> float | None:
+    """The clicks at which the curve (``miou`` over increasing ``clicks``) first reaches ``target``,
+    linear between points; None when it never does."""
+    if target is None:
+        return None
+    above = np.flatnonzero(miou >= target)
+    if not len(above):
+        return None
+    i = int(above[0])
+    if i == 0:
+        return float(clicks[0])
+    x0, x1, y0, y1 = clicks[i - 1], clicks[i], miou[i - 1], miou[i]
+    return float(x0 + (target - y0) * (x1 - x0) / (y1 - y0))
 
 
 def summarize_images(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
@@ -209,7 +262,7 @@ def summarize_images(df: pd.DataFrame, reference: float | None) -> dict[str, Any
     aucs = df.groupby(["strategy", "seed"]).apply(auc, include_groups=False).rename("auc").reset_index()
     for s in strategies:
         sub = df[df["strategy"] == s]
-        stats = sub.groupby("trained_on")["val_miou"].agg(["mean", "std", "count"]).reindex(counts)
+        stats = sub.groupby("trained_on")["miou"].agg(["mean", "std", "count"]).reindex(counts)
         a = aucs[aucs["strategy"] == s]["auc"]
         curves[s] = {"mean": stats["mean"].tolist(), "std": stats["std"].fillna(0.0).tolist(),
                      "seeds": int(stats["count"].max()), "auc_mean": float(a.mean()), "auc_std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
@@ -231,6 +284,7 @@ def summarize_images(df: pd.DataFrame, reference: float | None) -> dict[str, Any
 
 def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any], meta: dict[str, Any]) -> None:
     ref = summary["reference_miou"]
+    m = meta["metric"]
     counts = summary["counts"]
     lines = [
         "# Label efficiency on CamVid: strategies against random",
@@ -242,48 +296,61 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
         "(the machine is shared).",
         "",
         f"Setting: `configs/camvid.yaml` (unet, base 16, depth 3) at {args.size[0]}x{args.size[1]}; pool = the 367 train "
-        f"images, test = the 101 val images; {args.initial} initial images at random (the same set for every strategy of a "
+        f"images, {meta['split']}; {args.initial} initial images at random (the same set for every strategy of a "
         f"seed), {args.budget} per round, {args.rounds} rounds; every round trains from scratch for {args.epochs} epochs of "
         f"{args.samples_per_epoch} samples and keeps the best epoch by val mIoU; seeds {', '.join(map(str, args.seeds))}.",
         "",
-        "## val mIoU by labeled images (mean ± std over seeds)",
+        f"## {m} by labeled images (mean ± std over seeds)",
         "",
         "| strategy | " + " | ".join(str(c) for c in counts) + " | AUC (mean ± std) |",
         "|---|" + "---:|" * (len(counts) + 1),
     ]
     for s, c in summary["curves"].items():
-        cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in zip(c["mean"], c["std"])]
+        cells = [f"{v:.3f} ± {sd:.3f}" for v, sd in zip(c["mean"], c["std"])]
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {c['auc_mean']:.4f} ± {c['auc_std']:.4f} |")
     if ref:
-        lines += ["", f"## As a % of the full-supervision reference (val mIoU {ref:.3f}: all 367 images, same recipe and size)", "",
+        lines += ["", f"## As a % of the full-supervision reference ({m} {ref:.3f}: all 367 images, same model, size and split)", "",
                   "| strategy | " + " | ".join(str(c) for c in counts) + " |", "|---|" + "---:|" * len(counts)]
         for s, c in summary["curves"].items():
-            lines.append(f"| {s} | " + " | ".join(f"{100 * m / ref:.1f}%" for m in c["mean"]) + " |")
+            lines.append(f"| {s} | " + " | ".join(f"{100 * v / ref:.1f}%" for v in c["mean"]) + " |")
     if summary["paired_vs_random"]:
         lines += ["", "## Against random, paired by seed (same initial set)", "",
                   "| strategy | AUC difference (mean ± s.e.) | seeds better than random |", "|---|---:|---:|"]
         for s, p in summary["paired_vs_random"].items():
             lines.append(f"| {s} | {p['auc_diff_mean']:+.4f} ± {p['auc_diff_se']:.4f} | {p['seeds_better']} of {p['seeds']} |")
-    lines += ["", "AUC: the area under val mIoU over labeled images, divided by the range of labeled images "
-              "(the mean mIoU over the curve). The best epoch is chosen on the same val images the table reports "
-              "(as in every Shoal round); that flatters every strategy alike by a little."]
+    lines += ["", f"AUC: the area under {m} over labeled images, divided by the range of labeled images "
+              "(the mean mIoU over the curve). " + (
+                  "The best epoch is chosen on the val images that are not held out; the test images only measure."
+                  if m.startswith("test") else
+                  "The best epoch is chosen on the same val images the table reports (as in every Shoal round); that "
+                  "flatters every strategy alike by a little.")]
     if summary.get("clicks"):
-        lines += ["", "## val mIoU by annotator clicks (region-level and image-level runs; mean over seeds)", "",
+        common = next(iter(summary["clicks"].values()))["common_clicks"]
+        lines += ["", f"## {m} by annotator clicks (region-level and image-level runs; mean over seeds)", "",
                   "Clicks: the labels each round's model was trained on, by `strategies.CostModel` (an image: its "
                   "polygons' vertices; a region: one click, plus polygons when mixed). Image-level rows count whole "
                   "images; region-level rows count regions.", "",
-                  f"| strategy | clicks → val mIoU (± std) per round | clicks to reach {100 * REACH:.0f}% of the reference |",
-                  "|---|---|---:|"]
+                  f"| strategy | clicks → {m} (± std) per round | {m} at {common:.0f} clicks (± std) | "
+                  f"paired vs random there (mean ± s.e.) | best, % of reference | "
+                  f"clicks to reach {100 * REACH:.0f}% of the reference (seeds reaching) |",
+                  "|---|---|---:|---:|---:|---:|"]
         for s, c in summary["clicks"].items():
-            points = ", ".join(f"{k:.0f} → {m:.3f} ± {sd:.3f}" for k, m, sd in zip(c["clicks"], c["mean"], c["std"]))
+            points = ", ".join(f"{k:.0f} → {v:.3f} ± {sd:.3f}" for k, v, sd in zip(c["clicks"], c["mean"], c["std"]))
             reach = f"{c['clicks_to_reach']:.0f}" if c["clicks_to_reach"] is not None else "not reached"
-            lines.append(f"| {s} | {points} | {reach} |")
+            best = f"{100 * c['best_share']:.1f}%" if c["best_share"] is not None else "n/a"
+            paired = (f"{c['vs_random_at_common']:+.3f} ± {c['vs_random_at_common_se']:.3f}"
+                      if s != "random" and "vs_random_at_common" in c else "")
+            lines.append(f"| {s} | {points} | {c['miou_at_common']:.3f} ± {c['miou_at_common_std']:.3f} | {paired} | "
+                         f"{best} | {reach} ({c['seeds_reaching']} of {c['seeds']}) |")
+        lines += ["", f"{common:.0f} clicks: the most that every run reached (each seed's curve interpolated "
+                  "there), so every strategy is compared at the same cost. Clicks to reach: where the mean "
+                  "curve crosses the line, linear between rounds."]
     if meta.get("verdict"):
         lines += ["", "## Reading", "", meta["verdict"]]
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(path: Path, summary: dict[str, Any]) -> None:
+def plot(path: Path, summary: dict[str, Any], metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,7 +365,7 @@ def plot(path: Path, summary: dict[str, Any]) -> None:
     if summary["reference_miou"]:
         ax.axhline(summary["reference_miou"], color="k", linewidth=0.8, label="full supervision (367 images)")
     ax.set_xlabel("labeled images")
-    ax.set_ylabel("val mIoU")
+    ax.set_ylabel(metric)
     ax.set_title("CamVid label efficiency (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -307,7 +374,7 @@ def plot(path: Path, summary: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def plot_clicks(path: Path, summary: dict[str, Any]) -> None:
+def plot_clicks(path: Path, summary: dict[str, Any], metric: str) -> None:
     """val mIoU over clicks for every strategy (region-level and image-level runs)."""
     import matplotlib
 
@@ -323,7 +390,7 @@ def plot_clicks(path: Path, summary: dict[str, Any]) -> None:
         ax.axhline(REACH * summary["reference_miou"], color="k", linewidth=0.8,
                    label=f"{100 * REACH:.0f}% of full supervision")
     ax.set_xlabel("annotator clicks (labels trained on)")
-    ax.set_ylabel("val mIoU")
+    ax.set_ylabel(metric)
     ax.set_title("CamVid: regions against images on the click axis (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -361,9 +428,15 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     df = pd.read_csv(csv) if args.report_only else run_all(args, csv)
     wall = (time.perf_counter() - t0) / 60
+    tested = "test_miou" in df.columns and df["test_miou"].notna().all()
+    df["miou"] = df["test_miou"] if tested else df["val_miou"]
     reference = None
     if args.reference.exists():
-        reference = float(json.loads(args.reference.read_text())["val_miou"])
+        ref = json.loads(args.reference.read_text())
+        if tested and ref.get("test_miou") is None:
+            raise SystemExit(f"{args.reference}: no test_miou; run benchmarks/camvid_reference.py with --test-images "
+                             f"{args.test_images}")
+        reference = float(ref["test_miou"] if tested else ref["val_miou"])
     summary = summarize(df, reference)
     meta = {
         "command": shlex.join([".venv/bin/python", "benchmarks/label_efficiency.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -371,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
         "wall_minutes": wall, "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
     }
+    meta["metric"] = "test mIoU" if tested else "val mIoU"
+    meta["split"] = (f"test = {args.test_images} of the 101 val images held out (the rounds choose their best epoch on "
+                     f"the other {101 - args.test_images})" if tested else "test = the 101 val images")
     previous = RESULTS / f"{args.out}.json"
     if args.report_only and previous.exists():  # the figures of the invocation that ran the experiments
         ran = json.loads(previous.read_text())
@@ -379,9 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                            **summary, **meta}, indent=2) + "\n")
     write_markdown(RESULTS / f"{args.out}.md", args, summary, meta)
-    plot(RESULTS / f"{args.out}.png", summary)
+    plot(RESULTS / f"{args.out}.png", summary, meta["metric"])
     if summary.get("clicks"):
-        plot_clicks(RESULTS / f"{args.out}_clicks.png", summary)
+        plot_clicks(RESULTS / f"{args.out}_clicks.png", summary, meta["metric"])
     print((RESULTS / f"{args.out}.md").read_text())
 
 

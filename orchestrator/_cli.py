@@ -117,7 +117,11 @@ def _cmd_import_labels(args: argparse.Namespace) -> int:
 
     loop = ActiveLearningLoop.resume(args.workdir)
     report = loop.import_labels(args.source, task_dir=args.task)
-    print(f"{len(report['added'])} masks added, {report['unchanged']} unchanged; table revision {report['revision']}")
+    if "regions" in report:  # a region run: what the answers added inside the asked regions
+        print(f"{report['regions']} regions in {len(report['added'])} images added ({report['clicks']:g} clicks), "
+              f"{report['unchanged']} answers without new regions; table revision {report['revision']}")
+    else:
+        print(f"{len(report['added'])} masks added, {report['unchanged']} unchanged; table revision {report['revision']}")
     awaiting = loop.awaiting_labels
     if awaiting is not None:
         missing = len(awaiting["requested"]) - len(awaiting["received"])

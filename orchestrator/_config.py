@@ -7,6 +7,7 @@ naming the key path (``train.epochs``), so a misspelled key never silently falls
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -259,6 +260,13 @@ class RegionsConfig:
     """Annotator clicks to spend per round (required with ``loop.unit: region``). Round r may
     spend ``budget_clicks * r`` minus the clicks spent since the initial set, so a round that cost
     more or less than estimated is evened out by the next."""
+    queue_factor: float = 2.0
+    """The select phase queues regions worth this many times the round's clicks (by the model's
+    estimate of each region's cost); the oracle labels them in rank order and stops before the
+    round's real clicks would exceed its budget. Estimates are low while the model is poor (an
+    untrained model sees every region as pure), so a queue of exactly the budget would leave
+    clicks unspent. 1 = the queue is the estimated budget. With people (``oracle.kind`` folder or
+    label-studio) the exported queue is always the estimated budget."""
 
 
 @dataclass(frozen=True)
@@ -535,6 +543,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf would slip through every range check
+            raise ValueError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -588,7 +598,8 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_regions(cfg: Config) -> None:
-    """``loop.unit: region``: a region strategy, a click budget, a simulated oracle, valid regions."""
+    """``loop.unit: region``: a region strategy, a click budget, valid regions (every oracle kind labels
+    regions: the simulated one from the truth, people through a region task folder)."""
     from strategies import build_region_strategy, region_strategy_names
 
     if cfg.loop.strategy not in region_strategy_names():
@@ -601,11 +612,11 @@ def _validate_regions(cfg: Config) -> None:
     except (ValueError, TypeError) as exc:
         raise ValueError(f"loop.strategy_options: {exc}") from None
     budget = cfg.regions.budget_clicks
+    if not (math.isfinite(cfg.regions.queue_factor) and cfg.regions.queue_factor >= 1):
+        raise ValueError(f"regions.queue_factor: must be a number >= 1, got {cfg.regions.queue_factor}")
     if budget is None or not budget > 0 or budget == float("inf"):
         raise ValueError(f"regions.budget_clicks: required with loop.unit: region, a positive number of clicks "
                          f"per round; got {budget!r}")
-    if cfg.oracle.kind != "simulated":
-        raise ValueError(f"oracle.kind: '{cfg.oracle.kind}': loop.unit: region supports oracle.kind simulated for now")
     if cfg.review.simulate_relabel:
         raise ValueError("review.simulate_relabel: not supported with loop.unit: region (it would replace partial "
                          "masks with whole ones)")

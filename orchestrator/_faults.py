@@ -13,7 +13,9 @@ label or track):
 - ``<phase>:after``: the phase returned (for track: and the round was closed), its state not saved;
 - ``track:parent``: the experiment's MLflow parent run was created, its id not yet saved;
 - ``import:inside`` / ``import:after``: ``import_labels`` wrote the mask files / the table
-  revision, the state does not record them yet.
+  revision, the state does not record them yet;
+- ``start:inside``: a new experiment wrote its first revision, no state yet;
+- ``edit:inside``: ``edit`` wrote its revision, the state does not record it yet.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """People in the loop: export label tasks, validate and import the masks annotators return.
 
 A task folder (``<workdir>/rounds/round-NNN/tasks``) holds ``manifest.json``, the selected images
-and, when available, pre-annotation PNGs. Annotators answer with either a folder of class-id PNGs
+and, when available, pre-annotation PNGs. A region task (``kind: region``, region-level runs) also
+holds, per image, its region map (``regions/<name>.png``, 16-bit region ids) and the regions to label
+(``todo/<name>.png``, 255 inside them, 0 elsewhere); its manifest lists each image's region ids.
+Annotators answer with either a folder of class-id PNGs
 named like the task images (``<source>/masks/<name>.png`` or ``<source>/<name>.png``) or a Label
 Studio JSON export. Every mask is validated before anything is added; a bad file is reported by
 name and nothing is imported.
@@ -57,9 +60,18 @@ def export_folder_tasks(
     preannotations: Mapping[str, np.ndarray] | None = None,
     label_studio: bool = False,
     image_root_url: str | None = None,
+    regions: Mapping[str, tuple[np.ndarray, Sequence[int]]] | None = None,
 ) -> TaskExport:
     """Write a task folder for ``sample_ids``: images, pre-annotations, manifest (and, with
-    ``label_studio``, ``tasks.json`` with brush pre-annotations Label Studio imports)."""
+    ``label_studio``, ``tasks.json`` with brush pre-annotations Label Studio imports).
+
+    ``regions`` (a region task, ``kind="region"``): sample id -> (int region map [h, w] at any
+    size, the region ids to label). The map is enlarged to the image's own size with nearest
+    neighbour and written with a todo mask of the asked regions; the sample's pre-annotation keeps
+    its classes inside them only (the ignore index elsewhere), so nobody is shown work outside the
+    request."""
+    if kind == "region" and regions is None:
+        raise ValueError("a region task needs the region maps and asked region ids of its samples")
     rows = table.set_index(SAMPLE_ID).loc[list(sample_ids)]
     tmp = task_dir.with_name(task_dir.name + ".tmp")
     if tmp.exists():
@@ -79,6 +91,10 @@ def export_folder_tasks(
         entry: dict[str, Any] = {"sample_id": sid, "name": name, "image": image_file,
                                  "height": height, "width": width, "preannotation": None}
         pre = (preannotations or {}).get(sid)
+        if regions is not None:
+            todo = _write_region_files(tmp, entry, *regions[sid])
+            if pre is not None:
+                pre = np.where(todo, pre, classes.ignore_index)
         if pre is not None:
             (tmp / "preannotations").mkdir(exist_ok=True)
             entry["preannotation"] = f"preannotations/{name}.png"
@@ -90,8 +106,7 @@ def export_folder_tasks(
     manifest = {
         "format": 1, "kind": kind, "round": round_index, "classes": list(classes.names),
         "ignore_index": classes.ignore_index, "samples": samples,
-        "instructions": "Save one single-channel PNG of class ids per image in masks/, named like the image "
-                        "(<name>.png), same size as the image; unlabeled pixels = ignore_index.",
+        "instructions": REGION_INSTRUCTIONS if regions is not None else INSTRUCTIONS,
     }
     atomic_write_json(tmp / MANIFEST, manifest)
     if label_studio:
@@ -100,6 +115,44 @@ def export_folder_tasks(
         shutil.rmtree(task_dir)
     tmp.rename(task_dir)
     return TaskExport(task_dir=str(task_dir), sample_ids=list(map(str, sample_ids)), files=files)
+
+
+INSTRUCTIONS = ("Save one single-channel PNG of class ids per image in masks/, named like the image "
+                "(<name>.png), same size as the image; unlabeled pixels = ignore_index.")
+REGION_INSTRUCTIONS = (
+    "Label the pixels inside the todo regions of each image (todo/<name>.png: 255 = to label; "
+    "regions/<name>.png holds the region ids listed under 'regions'). Save one single-channel PNG of "
+    "class ids per image in masks/, named like the image (<name>.png), same size as the image. Pixels "
+    "outside the todo regions are ignored; a todo region left at ignore_index stays unlabeled and may "
+    "be asked again in a later round.")
+
+
+def _write_region_files(folder: Path, entry: dict[str, Any], region_map: np.ndarray,
+                        asked: Sequence[int]) -> np.ndarray:
+    """Write ``regions/<name>.png`` (uint16 region ids at the image's size) and ``todo/<name>.png``
+    (uint8, 255 inside the ``asked`` regions) for a manifest ``entry`` and record them in it; returns
+    the todo mask, bool [H, W]."""
+    from workers import resize_regions
+
+    full = resize_regions(region_map, (entry["height"], entry["width"]))
+    ids = [int(r) for r in asked]
+    if full.min(initial=0) < 0 or full.max(initial=0) >= 2**16:
+        raise ValueError(f"sample {entry['sample_id']}: region ids must lie in 0..65535 for a 16-bit PNG, "
+                         f"got {int(full.min())}..{int(full.max())}")
+    todo = np.isin(full, ids)
+    missing = sorted(set(ids) - set(np.unique(full[todo]).tolist()))
+    if missing:
+        raise ValueError(f"sample {entry['sample_id']}: asked region(s) {missing[:5]} are not in its region map")
+    for sub in ("regions", "todo"):
+        (folder / sub).mkdir(exist_ok=True)
+    entry["regions"] = ids
+    entry["region_map"] = f"regions/{entry['name']}.png"
+    entry["todo"] = f"todo/{entry['name']}.png"
+    if not cv2.imwrite(str(folder / entry["region_map"]), full.astype(np.uint16)):
+        raise OSError(f"cannot write {folder / entry['region_map']}")
+    if not cv2.imwrite(str(folder / entry["todo"]), todo.astype(np.uint8) * 255):
+        raise OSError(f"cannot write {folder / entry['todo']}")
+    return todo
 
 
 def _image_hw(path: Path) -> tuple[int, int]:
@@ -113,6 +166,9 @@ def _label_studio_task(entry: dict[str, Any], classes: Any, pre: np.ndarray | No
                        image_root_url: str | None) -> dict[str, Any]:
     image_ref = f"{image_root_url.rstrip('/')}/{entry['image']}" if image_root_url else entry["image"]
     task: dict[str, Any] = {"data": {"image": image_ref, "sample_id": entry["sample_id"], "name": entry["name"]}}
+    if "todo" in entry:  # a region task: where to label (the pre-annotation covers only these regions)
+        task["data"]["todo"] = f"{image_root_url.rstrip('/')}/{entry['todo']}" if image_root_url else entry["todo"]
+        task["data"]["regions"] = entry["regions"]
     if pre is not None:
         results = []
         for class_id in np.unique(pre):

@@ -316,6 +316,7 @@ class ActiveLearningLoop:
 
         A bad file raises ``ValueError`` naming it, and nothing is added. Masks already imported
         with the same content are skipped, so importing the same labels twice changes nothing.
+        In a region run the awaited labels are regions (``orchestrator._regions.import_labels``).
         """
         state = self._require_state()
         request = self.awaiting_labels
@@ -324,6 +325,8 @@ class ActiveLearningLoop:
             task = Path(task_dir).resolve()  # type: ignore[arg-type]
         elif request is not None:
             task = Path(request["task_dir"])
+            if regions.is_region_run(self.config):  # answers count inside the asked regions only
+                return regions.import_labels(self, state, request, source)
         else:
             raise ValueError(f"no labels are awaited in {self.workdir} (status: shoal status {self.workdir})")
         manifest = read_manifest(task)
@@ -429,7 +432,10 @@ class ActiveLearningLoop:
             if not_labeled:
                 raise ValueError(f"relabel: sample(s) {', '.join(not_labeled[:5])} are not labeled")
             df.loc[df[SAMPLE_ID].isin(relabel), "needs_relabel"] = True
-        rev = self.store.write(df, parent=base, round=state.round, comment=f"edit: {comment}")
+        # an edit killed before it saved the state wrote this revision already: reuse it, no fork
+        rev = self._unrecorded_revision(base, df) or self.store.write(
+            df, parent=base, round=state.round, comment=f"edit: {comment}")
+        _faults.checkpoint("edit:inside")  # the revision written, the state not saved
         if relabel and build_oracle(self.config.oracle.kind).interactive:
             export_folder_tasks(df, relabel, self.workdir / "relabel" / rev, self._classes(), round_index=state.round,
                                 kind="relabel", label_studio=self.config.oracle.kind == "label-studio",
@@ -484,13 +490,22 @@ class ActiveLearningLoop:
         atomic_write_json(self.workdir / "classes.json", {"classes": list(classes.names), "ignore_index": classes.ignore_index})
         self._write_unreadable()
         how = "random" if cfg.loop.initial_strategy == "random" else "cold-start (colour features, k-center)"
-        rev = self.store.write(
+        rev = self._unsaved_start(table) or self.store.write(
             table, parent=None, round=0, comment=f"initial: {len(initial)} {how} samples labeled"
         )
+        _faults.checkpoint("start:inside")  # the first revision written, no state yet
         state = State(experiment_uid=uuid.uuid4().hex, revision=rev)
         state.save(self.workdir)
         self.state = state
         return state
+
+    def _unsaved_start(self, table: pd.DataFrame) -> str | None:
+        """The first revision of a start killed before it saved its state, if it holds exactly
+        ``table``: the retry reuses it rather than write a second first revision."""
+        revisions = self.store.revisions()
+        if not revisions or self.store.info(revisions[-1]).parent is not None:
+            return None
+        return revisions[-1] if self.store.read(revisions[-1]).equals(table.reset_index(drop=True)) else None
 
     def _initial_set(self, table: pd.DataFrame) -> set[str]:
         """The ids labeled before round 1: at random, or spread over cheap colour features
@@ -948,7 +963,7 @@ class ActiveLearningLoop:
 
     def _phase_label(self, state: State) -> dict[str, Any] | None:
         cfg = self.config
-        if regions.is_region_run(cfg):  # the simulated region oracle and partial masks
+        if regions.is_region_run(cfg):  # regions into partial masks, by the simulated oracle or people
             return regions.label(self, state)
         selected = state.round_info["select"]["selected"]
         if build_oracle(cfg.oracle.kind).interactive:

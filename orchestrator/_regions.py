@@ -2,11 +2,11 @@
 
 A round of a region run scores every region of every image that still has something to label,
 selects regions across the pool under a click budget with a region strategy, has the simulated
-oracle label them from the ground truth and writes the images' grown partial masks as a new table
-revision. The loop's phases call :func:`score`, :func:`select` and :func:`label` when the unit is
-``region``; the helpers that fill the click columns (:func:`prepare_table`, :func:`charge_images`)
-and the click metrics (:func:`click_metrics`) serve image-level runs too, so both units are
-compared on the same axis.
+oracle label them from the ground truth (or people, :func:`import_labels`) and writes the images'
+grown partial masks as a new table revision. The loop's phases call :func:`score`, :func:`select`
+and :func:`label` when the unit is ``region``; the helpers that fill the click columns
+(:func:`prepare_table`, :func:`charge_images`) and the click metrics (:func:`click_metrics`) serve
+image-level runs too, so both units are compared on the same axis.
 
 Table columns (optional: absent from tables of experiments started before them):
 
@@ -22,12 +22,23 @@ are recorded per round in ``rounds/round-NNN/labeled_regions.parquet`` (one row 
 the oracle did and what it cost); partial masks are written under
 ``<workdir>/labels/partial/round-NNN/<task name>.png``, one file per touched image and round, so a
 file a revision points to is never rewritten with other content.
+
+People label regions too (``oracle.kind: folder`` or ``label-studio``): the label phase exports the
+queue (the round's budget by the model's estimate, not ``regions.queue_factor`` times it) as a region
+task folder (``rounds/round-NNN/tasks``: each image with its region map and
+a todo mask of the asked regions) and the round waits. :func:`import_labels` keeps an answer's
+pixels inside the asked regions only, takes each asked region that holds a labeled pixel (charged by
+the cost model on the answer, as the simulated oracle charges the truth) and leaves the others in
+the pool; people decide how far down the queue they get, and the next round's budget evens out what
+they spent. Imported partial masks are content-addressed
+(``labels/partial/round-NNN/<task name>-<digest>.png``): a round may import an image more than once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +53,8 @@ from strategies import region_columns as rcol
 from . import _faults
 from ._atomic import atomic_write
 from ._config import Config
-from ._labeling import task_name
+from ._labeling import export_folder_tasks, mask_digest, read_answers, read_manifest, task_name
+from ._oracle import build_oracle
 from ._table import IMAGE_PATH, LABELED, MASK_PATH, ROUND_LABELED, SAMPLE_ID, SPLIT, TRAIN_SPLIT, WEIGHT
 
 if TYPE_CHECKING:
@@ -268,7 +280,11 @@ def select(loop: ActiveLearningLoop, state: State) -> dict[str, Any]:
     strategy = region_strategy(cfg)
     rng = np.random.default_rng([cfg.experiment.seed, state.round, 1])
     if budget > 0 and (~table[rcol.LABELED].astype(bool)).any():
-        chosen = strategy.select(table, budget, rng)
+        # The simulated oracle gets a queue longer than the budget and works down it until the real
+        # clicks are spent; people get the budget's worth by estimate (they do not count clicks),
+        # and what their labels really cost is evened out by the next round's budget.
+        factor = 1.0 if build_oracle(cfg.oracle.kind).interactive else cfg.regions.queue_factor
+        chosen = strategy.select(table, budget * factor, rng)
     else:
         if budget <= 0:
             log.warning("round %d: no clicks left to spend (budget %.1f: earlier rounds cost more than estimated)",
@@ -277,14 +293,14 @@ def select(loop: ActiveLearningLoop, state: State) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     scores = [c for c in table.columns if c not in {*SELECTION_COLUMNS, rcol.LABELED}]
     if len(chosen):
-        chosen = chosen.merge(table[[rcol.SAMPLE_ID, rcol.REGION_ID, *scores]], on=[rcol.SAMPLE_ID, rcol.REGION_ID],
+        chosen = chosen.sort_values("rank", kind="stable").merge(table[[rcol.SAMPLE_ID, rcol.REGION_ID, *scores]], on=[rcol.SAMPLE_ID, rcol.REGION_ID],
                               how="left", validate="one_to_one")
     path = loop._round_dir(state) / "selection.csv"
     atomic_write(path, lambda p: chosen.to_csv(p, index=False))
     regions = [[str(s), int(r)] for s, r in zip(chosen[rcol.SAMPLE_ID], chosen[rcol.REGION_ID])]
     images = list(dict.fromkeys(s for s, _ in regions))
     estimated = float(chosen[rcol.COST_CLICKS].astype(float).sum()) if len(chosen) else 0.0
-    log.info("round %d: %d regions in %d images selected, %.1f of %.1f clicks (estimated)", state.round,
+    log.info("round %d: %d regions in %d images queued, %.1f clicks (estimated) for a budget of %.1f", state.round,
              len(regions), len(images), estimated, budget)
     return {"selected": images, "regions": regions, "budget_clicks": budget, "estimated_clicks": estimated,
             "spent_before": spent, "selection_file": str(path), "seconds": seconds}
@@ -294,7 +310,7 @@ def partial_mask_path(workdir: Path, round_index: int, sample_id: str) -> Path:
     return workdir / "labels" / "partial" / f"round-{round_index:03d}" / f"{task_name(sample_id)}.png"
 
 
-def label(loop: ActiveLearningLoop, state: State) -> dict[str, Any]:
+def label(loop: ActiveLearningLoop, state: State) -> dict[str, Any] | None:
     """The label phase of a region run: the simulated oracle labels the selected regions of each
     touched image from its ground truth (``truth_path``) and region map (the cache), the labels
     are merged into the image's partial mask and the table gains one revision.
@@ -302,8 +318,12 @@ def label(loop: ActiveLearningLoop, state: State) -> dict[str, Any]:
     Idempotent: a revision this round already wrote on the same parent (an interruption before the
     state was saved) is reused; masks and the labeled-regions file of an interrupted attempt are
     rewritten with the same content (the oracle is deterministic).
+
+    With people (an interactive ``oracle.kind``) see :func:`_human_label`: None while waiting.
     """
     cfg = loop.config
+    if build_oracle(cfg.oracle.kind).interactive:
+        return _human_label(loop, state)
     select_info = state.round_info["select"]
     parent = state.revision
     round_dir = loop._round_dir(state)
@@ -314,7 +334,7 @@ def label(loop: ActiveLearningLoop, state: State) -> dict[str, Any]:
         records = pd.read_parquet(records_file)
     else:
         df = loop.store.read(parent)
-        df, records = _label_regions(loop, state, df, select_info["regions"])
+        df, records = _label_regions(loop, state, df, select_info["regions"], float(select_info["budget_clicks"]))
         atomic_write(records_file, lambda p: records.to_parquet(p, index=False))
         _faults.checkpoint("label:inside")  # masks and records written, revision not yet
         df = loop._with_train_signals(loop._with_scores(df, state), state)
@@ -324,17 +344,39 @@ def label(loop: ActiveLearningLoop, state: State) -> dict[str, Any]:
             comment=f"round {state.round}: +{len(records)} regions in {records[rcol.SAMPLE_ID].nunique()} images, "
                     f"{clicks:g} clicks by {cfg.loop.strategy}",
         )
-    return {"revision": rev, "parent": parent, "added": list(select_info["selected"]),
-            "regions": int(len(records)), "clicks": float(records[rcol.CLICKS].sum()) if len(records) else 0.0,
+    return _label_result(select_info, rev, parent, records, records_file)
+
+
+def _label_result(select_info: dict[str, Any], rev: str, parent: str, records: pd.DataFrame,
+                  records_file: Path) -> dict[str, Any]:
+    """The label phase's result from the round's labeled-regions rows (the same keys whoever labeled)."""
+    labeled = set(records[rcol.SAMPLE_ID].astype(str)) if len(records) else set()
+    return {"revision": rev, "parent": parent, "added": [s for s in select_info["selected"] if s in labeled],
+            "regions": int(len(records)), "queued_regions": len(select_info["regions"]),
+            "budget_clicks": float(select_info["budget_clicks"]), "clicks": float(records[rcol.CLICKS].sum()) if len(records) else 0.0,
             "estimated_clicks": float(select_info.get("estimated_clicks", 0.0)),
             "labeled_pixels_added": int(records[rcol.LABELED_PIXELS].sum()) if len(records) else 0,
             "mixed_regions": int(records[rcol.MIXED].sum()) if len(records) else 0,
             "regions_file": str(records_file)}
 
 
+def within_budget(queue: list[tuple[str, int]], clicks: dict[tuple[str, int], float], budget: float) -> list[tuple[str, int]]:
+    """The regions of ``queue`` (in rank order) an annotator labels with ``budget`` clicks: each in
+    turn, skipping one whose real cost (``clicks``) would take the total over the budget."""
+    kept, total = [], 0.0
+    for key in queue:
+        if total + clicks[key] <= budget + 1e-9:
+            kept.append(key)
+            total += clicks[key]
+    return kept
+
+
 def _label_regions(loop: ActiveLearningLoop, state: State, df: pd.DataFrame,
-                   regions: list[list[Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(``df`` with the touched images' new partial masks and columns, the oracle's rows)."""
+                   regions: list[list[Any]], budget: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(``df`` with the touched images' new partial masks and columns, the oracle's rows).
+
+    The oracle works down the queue ``regions`` in rank order and labels what ``budget`` clicks
+    pay for at the regions' real cost (:func:`within_budget`)."""
     cfg = loop.config
     classes = loop._classes()
     spec = region_spec(cfg)
@@ -343,12 +385,11 @@ def _label_regions(loop: ActiveLearningLoop, state: State, df: pd.DataFrame,
     cache = workers.RegionCache(uri, spec, sam_id)
     proposer = None
     cost = cost_model(cfg)
-    wanted: dict[str, list[int]] = {}
-    for sid, rid in regions:
-        wanted.setdefault(str(sid), []).append(int(rid))
+    queue = [(str(sid), int(rid)) for sid, rid in regions]
     position = pd.Series(np.arange(len(df)), index=df[SAMPLE_ID].astype(str))
-    parts = []
-    for sid, ids in wanted.items():
+    inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    real: dict[tuple[str, int], float] = {}
+    for sid in dict.fromkeys(s for s, _ in queue):  # what each queued region really costs
         row = df.iloc[int(position[sid])]
         image_path = str(row[IMAGE_PATH])
         region_map = cache.get(workers.file_digest(image_path))
@@ -357,6 +398,20 @@ def _label_regions(loop: ActiveLearningLoop, state: State, df: pd.DataFrame,
             region_map, _ = proposer.regions(image_path)
         truth = workers.load_mask(str(row[TRUTH_PATH]), classes)
         partial = workers.load_mask(str(row[MASK_PATH]), classes) if bool(row[LABELED]) else None
+        inputs[sid] = (truth, region_map, partial)
+        ids = [r for s, r in queue if s == sid]
+        trial = workers.label_regions(truth, region_map, ids, ignore_index=classes.ignore_index, cost=cost)
+        real.update({(sid, int(r)): float(c) for r, c in zip(trial.rows[rcol.REGION_ID], trial.rows[rcol.CLICKS])})
+    kept = within_budget(queue, real, budget)
+    log.info("round %d: the oracle labels %d of %d queued regions, %.1f of %.1f clicks", state.round, len(kept),
+             len(queue), sum(real[k] for k in kept), budget)
+    wanted: dict[str, list[int]] = {}
+    for sid, rid in kept:
+        wanted.setdefault(sid, []).append(rid)
+    parts = []
+    for sid, ids in wanted.items():
+        row = df.iloc[int(position[sid])]
+        truth, region_map, partial = inputs[sid]
         done = workers.label_regions(truth, region_map, ids, ignore_index=classes.ignore_index, cost=cost,
                                      partial=partial)
         path = partial_mask_path(loop.workdir, state.round, sid)
@@ -373,12 +428,206 @@ def _label_regions(loop: ActiveLearningLoop, state: State, df: pd.DataFrame,
         parts.append(done.rows.assign(**{rcol.SAMPLE_ID: sid, "round": state.round}))
     if parts:
         records = pd.concat(parts, ignore_index=True)
+        order = {key: i for i, key in enumerate(kept)}  # the queue's rank order
+        records = records.iloc[np.argsort([order[(str(a), int(b))] for a, b in
+                                           zip(records[rcol.SAMPLE_ID], records[rcol.REGION_ID])], kind="stable")]
+        records = records.reset_index(drop=True)
         records = records[[rcol.SAMPLE_ID, *[c for c in records.columns if c != rcol.SAMPLE_ID]]]
     else:
         records = pd.DataFrame({rcol.SAMPLE_ID: pd.Series(dtype=str), rcol.REGION_ID: pd.Series(dtype=np.int64),
                                 rcol.CLICKS: pd.Series(dtype=float), rcol.LABELED_PIXELS: pd.Series(dtype=np.int64),
                                 rcol.MIXED: pd.Series(dtype=bool), "round": pd.Series(dtype=np.int64)})
     return df, records
+
+
+# -- people label regions -------------------------------------------------------------------------------
+
+
+def _region_maps(loop: ActiveLearningLoop) -> Callable[[str], np.ndarray]:
+    """image path -> its int32 region map at the scoring resolution: the cached map the round scored,
+    recomputed the same way when the cache was cleared since."""
+    cfg = loop.config
+    spec = region_spec(cfg)
+    uri = cache_uri(cfg, loop.workdir)
+    sam, sam_id = _sam(cfg, loop.workdir)
+    cache = workers.RegionCache(uri, spec, sam_id)
+    proposer = None
+
+    def region_map(image_path: str) -> np.ndarray:
+        nonlocal proposer
+        found = cache.get(workers.file_digest(image_path))
+        if found is not None:
+            return found
+        proposer = proposer or workers.RegionProposer(spec, uri, sam, sam_id)
+        regions, _ = proposer.regions(image_path)
+        return regions
+
+    return region_map
+
+
+def _queue_by_image(select_info: dict[str, Any]) -> dict[str, list[int]]:
+    """sample id -> its queued region ids, in rank order."""
+    asked: dict[str, list[int]] = {}
+    for sid, rid in select_info["regions"]:
+        asked.setdefault(str(sid), []).append(int(rid))
+    return asked
+
+
+def _no_records() -> pd.DataFrame:
+    return pd.DataFrame({rcol.SAMPLE_ID: pd.Series(dtype=str), rcol.REGION_ID: pd.Series(dtype=np.int64),
+                         rcol.CLICKS: pd.Series(dtype=float), rcol.LABELED_PIXELS: pd.Series(dtype=np.int64),
+                         rcol.MIXED: pd.Series(dtype=bool), "round": pd.Series(dtype=np.int64)})
+
+
+def _imported_records(records_file: Path, received: dict[str, list[int]]) -> pd.DataFrame:
+    """The rows of the round's labeled-regions file that the label request records as imported: an
+    import killed before the state was saved may have left rows that no revision holds."""
+    if not records_file.exists():
+        return _no_records()
+    rows = pd.read_parquet(records_file)
+    keys = {(str(sid), int(rid)) for sid, rids in received.items() for rid in rids}
+    keep = [(str(s), int(r)) in keys for s, r in zip(rows[rcol.SAMPLE_ID], rows[rcol.REGION_ID])]
+    return rows[np.asarray(keep, dtype=bool)].reset_index(drop=True)
+
+
+def _human_label(loop: ActiveLearningLoop, state: State) -> dict[str, Any] | None:
+    """The label phase with people. The first call exports the queue as a region task folder
+    (``rounds/round-NNN/tasks``) and records the label request: None, the round waits. Once
+    :func:`import_labels` took answers in, the phase result of what came back (same keys as the
+    simulated oracle's, plus ``requested`` images and ``partial``: some queued regions unanswered)."""
+    cfg = loop.config
+    select_info = state.round_info["select"]
+    records_file = loop._round_dir(state) / LABELED_REGIONS_FILE
+    if not select_info["regions"]:  # nothing queued (no clicks left): nothing to ask, nothing to wait for
+        records = _no_records()
+        atomic_write(records_file, lambda p: records.to_parquet(p, index=False))
+        return _label_result(select_info, state.revision, state.revision, records, records_file)
+    request = state.round_info.get("label_request")
+    if request is None:
+        selected = [str(s) for s in select_info["selected"]]
+        asked = _queue_by_image(select_info)
+        df = loop.store.read(state.revision)
+        images = df.set_index(SAMPLE_ID).loc[selected, IMAGE_PATH].astype(str)
+        region_map = _region_maps(loop)
+        task_dir = loop._round_dir(state) / "tasks"
+        export_folder_tasks(
+            df, selected, task_dir, loop._classes(), round_index=state.round, kind="region",
+            preannotations=loop._preannotations(state, selected), label_studio=cfg.oracle.kind == "label-studio",
+            image_root_url=cfg.oracle.image_root_url,
+            regions={sid: (region_map(images[sid]), asked[sid]) for sid in selected},
+        )
+        _faults.checkpoint("label:inside")  # task folder exported, request not yet recorded
+        state.round_info["label_request"] = {
+            "task_dir": str(task_dir), "requested": selected, "received": {}, "revision": None, "imports": [],
+        }
+        log.info("round %d: %d regions in %d images exported for labeling to %s", state.round,
+                 len(select_info["regions"]), len(selected), task_dir)
+        return None
+    if not request["received"]:
+        return None
+    records = _imported_records(records_file, request["received"])
+    if len(records) != len(pd.read_parquet(records_file, columns=[rcol.REGION_ID])):
+        # rows of an import killed before it was recorded: the next rounds must not see them as labeled
+        atomic_write(records_file, lambda p: records.to_parquet(p, index=False))
+    return {**_label_result(select_info, request["revision"], state.revision, records, records_file),
+            "requested": len(request["requested"]), "partial": len(records) < len(select_info["regions"])}
+
+
+def imported_mask_path(workdir: Path, round_index: int, sample_id: str, mask: np.ndarray) -> Path:
+    """Where an imported partial mask is written: named by its content, so importing into an image
+    twice in a round never rewrites a file an earlier revision points to."""
+    return workdir / "labels" / "partial" / f"round-{round_index:03d}" / f"{task_name(sample_id)}-{mask_digest(mask)}.png"
+
+
+def import_labels(loop: ActiveLearningLoop, state: State, request: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """Add people's answers to the round's region task (``request``, the open label request) as one
+    table revision; ``source`` is a folder of class-id PNGs or a Label Studio JSON export.
+
+    Every answer is validated first (``read_answers``): a bad file raises ``ValueError`` naming it
+    and nothing is added. Per answered image, the answer's pixels inside its queued regions are kept
+    (the ignore index elsewhere); a queued region holding at least one labeled pixel is labeled,
+    charged by the cost model on the answer (``workers.label_regions``: one click, plus the polygons
+    of a mixed region's other classes), and the answered pixels merge into the image's partial mask
+    without overwriting a labeled one; a region left empty stays in the pool. A region imported
+    earlier this round keeps its first answer, so importing the same answers twice changes nothing
+    and a later import adds the regions and images that were missing. ``labeled_regions.parquet``
+    gains one row per region, never two.
+    """
+    cfg = loop.config
+    classes = loop._classes()
+    ignore = classes.ignore_index
+    task = Path(request["task_dir"])
+    manifest = read_manifest(task)
+    if manifest.get("kind") != "region":
+        raise ValueError(f"{task / 'manifest.json'}: kind {manifest.get('kind')!r} is not a region task; "
+                         f"export it again with shoal resume {loop.workdir}")
+    answers = read_answers(Path(source), manifest, classes, cfg.oracle.label_map)
+    base = loop._current_revision(state)
+    df = loop._round_table(state) if not request["revision"] else loop.store.read(base)
+    received: dict[str, list[int]] = request["received"]
+    asked = _queue_by_image(state.round_info["select"])
+    region_map = _region_maps(loop)
+    cost = cost_model(cfg)
+    position = pd.Series(np.arange(len(df)), index=df[SAMPLE_ID].astype(str))
+    parts, added = [], {}
+    for answer in answers:
+        sid = answer.sample_id
+        taken = set(received.get(sid, []))
+        open_ids = [r for r in asked.get(sid, []) if r not in taken]
+        row = df.iloc[int(position[sid])]
+        regions = workers.resize_regions(region_map(str(row[IMAGE_PATH])), answer.mask.shape)
+        answered = np.where(np.isin(regions, open_ids), answer.mask.astype(np.int64), ignore)
+        with_labels = set(np.unique(regions[answered != ignore]).tolist())
+        ids = [r for r in open_ids if r in with_labels]
+        if not ids:  # nothing new inside the asked regions
+            continue
+        partial = workers.load_mask(str(row[MASK_PATH]), classes) if bool(row[LABELED]) else None
+        # The cost model's rows for the answer (clicks, mixed, label_class); the mask keeps the answered
+        # pixels themselves rather than the dominant class the simulated oracle would spread.
+        done = workers.label_regions(answered, regions, ids, ignore_index=ignore, cost=cost, partial=partial)
+        mask = workers.merge_partial_masks(np.full(answered.shape, ignore) if partial is None else partial, answered, ignore)
+        path = imported_mask_path(loop.workdir, state.round, sid, mask)
+        if not path.exists():  # content-addressed: never overwritten
+            workers.write_mask(path, mask)
+        i = df.index[int(position[sid])]
+        if not bool(row[LABELED]):
+            df.loc[i, [LABELED, PARTIAL]] = [True, True]
+            df.loc[i, ROUND_LABELED] = state.round
+            df.loc[i, WEIGHT] = 1.0
+        df.loc[i, MASK_PATH] = str(path)
+        df.loc[i, LABELED_PIXELS] = workers.labeled_pixel_count(mask, ignore)
+        df.loc[i, CLICKS] = float(row[CLICKS]) + done.cost.clicks
+        df.loc[i, REGIONS_LABELED] = int(row[REGIONS_LABELED]) + len(ids)
+        parts.append(done.rows.assign(**{rcol.SAMPLE_ID: sid, "round": state.round}))
+        added[sid] = ids
+    report: dict[str, Any] = {"source": str(source), "found": len(answers), "added": list(added),
+                              "unchanged": len(answers) - len(added), "revision": base, "regions": 0, "clicks": 0.0}
+    if not parts:
+        return report
+    new = pd.concat(parts, ignore_index=True)
+    rank = {(str(sid), int(rid)): k for k, (sid, rid) in enumerate(state.round_info["select"]["regions"])}
+    new = new.iloc[np.argsort([rank[(str(s), int(r))] for s, r in zip(new[rcol.SAMPLE_ID], new[rcol.REGION_ID])],
+                              kind="stable")]
+    new = new[[rcol.SAMPLE_ID, *[c for c in new.columns if c != rcol.SAMPLE_ID]]].reset_index(drop=True)
+    records_file = loop._round_dir(state) / LABELED_REGIONS_FILE
+    before = _imported_records(records_file, received)
+    records = pd.concat([before, new], ignore_index=True) if len(before) else new
+    atomic_write(records_file, lambda p: records.to_parquet(p, index=False))
+    _faults.checkpoint("import:inside")  # masks and labeled regions written, no revision yet
+    clicks = float(new[rcol.CLICKS].sum())
+    rev = loop._unrecorded_revision(base, df) or loop.store.write(
+        df, parent=base, round=state.round,
+        comment=f"import region labels: +{len(new)} regions in {len(added)} images, {clicks:g} clicks from {source}")
+    for sid, ids in added.items():
+        received[sid] = sorted({*received.get(sid, []), *ids})
+    request["imports"].append({"source": str(source), "added": len(added), "regions": len(new), "clicks": clicks,
+                               "revision": rev})
+    request["revision"] = rev
+    _faults.checkpoint("import:after")  # revision written, state not saved
+    state.save(loop.workdir)
+    log.info("round %d: imported %d regions in %d images, %.1f clicks, from %s", state.round, len(new), len(added),
+             clicks, source)
+    return {**report, "revision": rev, "regions": len(new), "clicks": clicks}
 
 
 # -- tracking -------------------------------------------------------------------------------------------

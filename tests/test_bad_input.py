@@ -342,7 +342,11 @@ def test_resume_refuses_a_bad_config_snapshot_naming_the_key(started: Path, tmp_
 
 @pytest.mark.parametrize(
     "override, message",
-    [("train.epoch=3", r"unknown config key 'train\.epoch'"), ("train.epochs=three", r"train\.epochs: expected an integer")],
+    [("train.epoch=3", r"unknown config key 'train\.epoch'"), ("train.epochs=three", r"train\.epochs: expected an integer"),
+     # YAML's .nan and .inf parse as floats and would pass every range check (nan > 0 is False, but so is nan <= 0)
+     ("train.lr=.nan", r"train\.lr: expected a finite number, got nan"),
+     ("cost.purity_threshold=.inf", r"cost\.purity_threshold: expected a finite number, got inf"),
+     ("loop.stopping.min_delta=-.inf", r"loop\.stopping\.min_delta: expected a finite number, got -inf")],
 )
 def test_bad_config_is_refused_before_anything_is_written(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -211,3 +211,31 @@ def test_killed_at_each_point_and_resumed_matches_an_uninterrupted_run(reference
     if oracle == "folder":  # one import revision per round, whatever was killed in between
         comments = [i.comment for i in TableStore(workdir / "table").lineage(state_of(workdir)["revision"])]
         assert [c.split(":")[0] for c in comments] == ["import labels", "import labels", "initial"]
+
+
+def test_a_killed_start_or_edit_is_retried_without_a_second_revision(tmp_path: Path) -> None:
+    """A start killed after its first revision (no state yet) and an edit killed after its revision
+    (state not updated) leave a revision nothing records: the retry reuses it, so the lineage has
+    one first revision and one edit revision, as without the kills."""
+    workdir = tmp_path / "work"
+    store = TableStore(workdir / "table")
+    killed_at(shoal(*run_args(workdir), kill_at="start:inside"), "start:inside")
+    assert not (workdir / "state.json").exists()
+    [first] = store.revisions()
+    # The retry starts (reusing the revision), saves its state, and is stopped before any training.
+    killed_at(shoal(*run_args(workdir), kill_at="train:before"), "train:before")
+    assert store.revisions() == [first] and state_of(workdir)["revision"] == first
+
+    df = store.read(first)
+    sid = str(df.loc[df.labeled, "sample_id"].iloc[0])
+    weights = tmp_path / "weights.csv"
+    weights.write_text(f"sample_id,weight\n{sid},0.25\n")
+    edit = ["edit", str(workdir), "--weights", str(weights), "--comment", "down-weight a blurry frame"]
+    killed_at(shoal(*edit, kill_at="edit:inside"), "edit:inside")
+    [_, edited] = store.revisions()
+    assert state_of(workdir)["revision"] == first  # the state never heard of it
+    ok(shoal(*edit))
+    assert store.revisions() == [first, edited] and state_of(workdir)["revision"] == edited
+    table = store.read(edited)
+    assert table.loc[table.sample_id == sid, "weight"].item() == 0.25
+    assert store.info(edited).parent == first
