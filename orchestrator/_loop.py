@@ -170,7 +170,7 @@ class ActiveLearningLoop:
 
     def step(self) -> RoundResult | None:
         """Run the phases left in the current round; None when the experiment has stopped."""
-        state = self._ensure_started()
+        state = self.start()
         if state.stopped:
             return None
         start_round = state.round
@@ -452,7 +452,9 @@ class ActiveLearningLoop:
 
     # ------------------------------------------------------------------ set-up
 
-    def _ensure_started(self) -> State:
+    def start(self) -> State:
+        """Start the experiment if it has not started: check the data, build the sample table and
+        label the initial set (no training); the state either way. A refused start leaves nothing."""
         if self.state is not None:
             return self.state
         existed = self.workdir.exists()

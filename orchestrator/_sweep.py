@@ -469,7 +469,7 @@ def fixed_labeled_set(base: Config, root: Path, labeled_from: str | None) -> dic
     else:
         digest = hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
         loop = ActiveLearningLoop(base, root / f"labeled-{digest}")
-    state = loop._ensure_started()  # builds the table and the initial labeled set only
+    state = loop.start()  # builds the table and the initial labeled set only
     df = TableStore(loop.workdir / "table").read(state.revision)
     classes = json.loads((loop.workdir / "classes.json").read_text())
     labeled = df[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED] & (df[WEIGHT] > 0)]

@@ -217,7 +217,7 @@ def test_an_experiment_on_grayscale_rgba_and_16_bit_images_starts(clean: Path, t
                                           lambda im: im.astype(np.uint16) * 257)):
             cv2.imwrite(str(path), convert(cv2.imread(str(path))))
     loop = ActiveLearningLoop(config_from_dict(folder_config(data, "formats", loop={"initial_labeled": 8})), tmp_path / "w")
-    state = loop._ensure_started()  # the checks of a start, without training (no Ray)
+    state = loop.start()  # the checks of a start, without training (no Ray)
     assert loop.store.info(state.revision).num_labeled == 8
 
 
@@ -235,7 +235,7 @@ def test_unreadable_pool_images_are_logged_and_left_out_with_skip_unreadable(
     cfg = folder_config(data, "skip", data={"skip_unreadable": True}, loop={"initial_labeled": 6})
     loop = ActiveLearningLoop(config_from_dict(cfg), tmp_path / "work")
     with caplog.at_level(logging.WARNING, logger="orchestrator"):
-        state = loop._ensure_started()
+        state = loop.start()
     table = loop.store.read(state.revision)
     assert not bad & set(table.sample_id) and len(table) == N_TRAIN - 2 + N_VAL
     assert table.labeled.sum() == 6 and loop.status()["labeled"] == 6
@@ -300,7 +300,7 @@ def started(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An experiment started on the clean folder dataset (initial set labeled, no round run)."""
     root = tmp_path_factory.mktemp("started")
     loop = ActiveLearningLoop(config_from_dict(folder_config(clean, "started")), root / "work")
-    loop._ensure_started()
+    loop.start()
     return loop.workdir
 
 

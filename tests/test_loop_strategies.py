@@ -61,7 +61,7 @@ def test_fusion_of_coreset_classweighted_entropy_and_class_balance_gets_what_it_
 
 def test_cold_start_spreads_the_initial_set_over_colour_features(tmp_path: Path, ray_cluster: None) -> None:
     cold = _loop(tmp_path, "cold", loop={"initial_strategy": "cold_start", "rounds": 1})
-    state = cold._ensure_started()
+    state = cold.start()
     table = cold.store.read(state.revision)
     train = table[table.split == "train"]
     feats = list(workers.FEATURE_COLUMNS)
@@ -93,7 +93,7 @@ def test_cold_start_spreads_the_initial_set_over_colour_features(tmp_path: Path,
 def test_loss_reweighting_with_an_override_file_and_a_plateau_stop(tmp_path: Path, ray_cluster: None) -> None:
     override = tmp_path / "weights.csv"
     first = _loop(tmp_path, "probe", loop={"rounds": 1})
-    state = first._ensure_started()
+    state = first.start()
     ids = sorted(first.store.read(state.revision).query("labeled").sample_id)
     pd.DataFrame({"sample_id": [ids[0], ids[1]], "weight": [0.0, 3.0]}).to_csv(override, index=False)
     loop = _loop(tmp_path, "reweight", loop={

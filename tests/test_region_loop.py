@@ -152,7 +152,7 @@ def test_image_runs_are_charged_in_clicks_from_the_same_initial_set(tmp_path: Pa
     # A region run of the same seed (and cost model) starts from the same images at the same clicks.
     same_cost = {k: v for k, v in REGION.items() if k != "cost"}
     region = ActiveLearningLoop(config_from_dict(tiny_config(**same_cost)), tmp_path / "region")
-    start = region.store.read(region._ensure_started().revision)
+    start = region.store.read(region.start().revision)
     first = image.store.read(image.store.lineage(result.revision)[-1].id)
     assert set(start.loc[start.labeled, "sample_id"]) == set(first.loc[first.labeled, "sample_id"])
     assert start.loc[start.labeled, "clicks"].sum() == pytest.approx(first.loc[first.labeled, "clicks"].sum())

@@ -245,7 +245,7 @@ def test_the_round_revision_carries_per_sample_training_signals(tmp_path: Path, 
     cfg = config_from_dict(tiny_config(loop={"strategy": "random"}, train={"epochs": 1, "init": "previous"},
                                        review={"enabled": False}))
     loop = ActiveLearningLoop(cfg, tmp_path / "work")
-    state = loop._ensure_started()
+    state = loop.start()
     trained_on = set(loop.store.read(state.revision).query("labeled").sample_id)
     for phase in ("train", "score", "select", "label"):
         state.round_info[phase] = getattr(loop, f"_phase_{phase}")(state)
