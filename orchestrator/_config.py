@@ -260,6 +260,11 @@ class RegionsConfig:
     """Annotator clicks to spend per round (required with ``loop.unit: region``). Round r may
     spend ``budget_clicks * r`` minus the clicks spent since the initial set, so a round that cost
     more or less than estimated is evened out by the next."""
+    train_weighting: Literal["labeled_pixels", "uniform"] = "labeled_pixels"
+    """How often training draws a labeled sample (times its weight): ``labeled_pixels``: a whole
+    image 1, a partial mask the share of a whole image its labeled pixels make up, so every labeled
+    pixel has about the same chance; ``uniform``: a partial mask holding a few regions as often as a
+    whole image."""
     queue_factor: float = 2.0
     """The select phase queues regions worth this many times the round's clicks (by the model's
     estimate of each region's cost); the oracle labels them in rank order and stops before the

@@ -687,7 +687,9 @@ class ActiveLearningLoop:
         The table's weight (1 when labeled, set by ``shoal edit``; 0 = excluded) times the
         ``loop.reweighting`` policy's weight, computed from the parent revision (which holds the
         previous round's per-sample loss and class shares), then the override file, applied last.
-        Round 1 has no previous round: its policy weight is uniform. Written to the round dir.
+        Round 1 has no previous round: its policy weight is uniform. In region runs the weight is
+        also proportional to the sample's labeled pixels (``regions.train_weighting``). Written to
+        the round dir.
         """
         from strategies import compute_weights, manual_override
 
@@ -697,6 +699,8 @@ class ActiveLearningLoop:
         policy = rw.policy if state.round > 1 else "uniform"
         factor = compute_weights(policy, rows, **(rw.options if policy == rw.policy else {}))
         weights = base * factor.reindex(base.index).fillna(1.0)
+        if regions.is_region_run(self.config) and self.config.regions.train_weighting == "labeled_pixels":
+            weights = weights * regions.pixel_weights(rows).reindex(weights.index)
         if rw.override_file:
             weights = manual_override(weights, self._weight_overrides(rw.override_file))
         elif len(weights) and not (weights > 0).any():

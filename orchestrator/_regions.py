@@ -169,6 +169,23 @@ def _flag(df: pd.DataFrame, column: str) -> pd.Series:
     return df[column].fillna(False).astype(bool)
 
 
+def pixel_weights(rows: pd.DataFrame) -> pd.Series:
+    """Training weight factors of labeled ``rows`` by sample id (``regions.train_weighting:
+    labeled_pixels``): 1 for a whole image; for a partial mask the share of a whole image its labeled
+    pixels make up (over the median labeled pixels of the whole images, at most 1). Drawn like whole
+    images, 300 partial masks holding a few regions each would crowd out the whole images and leave
+    most batches almost empty of labels; weighed so, every labeled pixel has about the same chance,
+    and a round with only whole images trains exactly as an image-level round does."""
+    partial = _flag(rows, PARTIAL).to_numpy()
+    pixels = rows[LABELED_PIXELS].astype(float).to_numpy()
+    whole = pixels[~partial & np.isfinite(pixels)]
+    scale = float(np.median(whole)) if len(whole) else float(np.nanmax(pixels, initial=0.0))
+    factor = np.ones(len(rows))
+    if scale > 0:
+        factor = np.where(partial & np.isfinite(pixels), np.minimum(pixels / scale, 1.0), 1.0)
+    return pd.Series(factor, index=pd.Index(rows[SAMPLE_ID].astype(str), name=SAMPLE_ID))
+
+
 def spent_clicks(df: pd.DataFrame) -> float:
     """Clicks spent on labels since the initial set (rows first labeled in round 1 or later)."""
     if CLICKS not in df.columns:

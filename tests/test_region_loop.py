@@ -122,6 +122,20 @@ def test_region_rounds_spend_the_click_budget_on_regions_and_train_on_partial_ma
 
     assert skipped_total > 0  # the queue was longer than the budget paid for
 
+    # Training drew a whole image with weight 1 and a partial mask with the share of a whole image
+    # its labeled pixels make up (regions.train_weighting: labeled_pixels); round 1 (whole images
+    # only) trained as an image-level round does.
+    for r in results:
+        weights = pd.read_csv(workdir / "rounds" / f"round-{r.round:03d}" / "train_weights.csv",
+                              dtype={"sample_id": str}).set_index("sample_id")["weight"]
+        parent = loop.store.read(loop.store.info(r.revision).parent).set_index("sample_id").loc[weights.index]
+        whole = float(np.median(parent.loc[~parent.partial, "labeled_pixels"]))
+        expected = np.where(parent.partial, np.minimum(parent.labeled_pixels / whole, 1.0), 1.0)
+        assert len(weights) == r.trained_on and parent.partial.any() == (r.round == 2)
+        np.testing.assert_allclose(weights.to_numpy(), expected)
+        if r.round == 2:
+            assert weights[parent.partial.to_numpy()].max() < 0.5  # a few cells of 24
+
     # Round 2 trained on round 1's partial masks, and labeled more regions of some of them.
     round1 = set(_records(workdir, 1).sample_id)
     assert round1 & set(_records(workdir, 2).sample_id)
