@@ -298,7 +298,12 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
         f"Setting: `configs/camvid.yaml` (unet, base 16, depth 3) at {args.size[0]}x{args.size[1]}; pool = the 367 train "
         f"images, {meta['split']}; {args.initial} initial images at random (the same set for every strategy of a "
         f"seed), {args.budget} per round, {args.rounds} rounds; every round trains from scratch for {args.epochs} epochs of "
-        f"{args.samples_per_epoch} samples and keeps the best epoch by val mIoU; seeds {', '.join(map(str, args.seeds))}.",
+        f"{args.samples_per_epoch} samples and keeps the best epoch by val mIoU; seeds {', '.join(map(str, args.seeds))}."
+        + (f" Region-level runs ({', '.join(s for s in summary['clicks'] if s in REGION_STRATEGIES)}) start from the same "
+           f"initial images and label {args.region_method} regions ({args.region_segments} superpixels per image at "
+           f"{args.size[0]}x{args.size[1]}) with {args.budget_clicks or default_budget_clicks(args):.0f} clicks per round, "
+           "trained on by the share of a whole image their labels make up."
+           if summary.get("clicks") and any(s in REGION_STRATEGIES for s in summary["clicks"]) else ""),
         "",
         f"## {m} by labeled images (mean ± std over seeds)",
         "",
@@ -399,21 +404,41 @@ def plot_clicks(path: Path, summary: dict[str, Any], metric: str) -> None:
     plt.close(fig)
 
 
-def verdict(summary: dict[str, Any]) -> str:
+def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str:
+    """The reading of the tables: which strategies separate from random (by more than twice the
+    standard error of the paired difference), on the image axis and, with region runs, at equal
+    clicks; and, from ``noise`` (``benchmarks/training_noise.py``'s summary: the spread of one
+    labeled set's mIoU over training seeds), how many seeds a difference of 0.01 would need."""
     parts = []
     for s, p in summary["paired_vs_random"].items():
         diff, se = p["auc_diff_mean"], p["auc_diff_se"]
         clear = math.isfinite(se) and abs(diff) > 2 * se
         word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
         parts.append(f"{s} {word} random (AUC {diff:+.4f} ± {se:.4f}, better on {p['seeds_better']} of {p['seeds']} seeds)")
-    text = "; ".join(parts) + ". A difference counts as clear here only when it exceeds twice its standard error."
-    falling = [s for s, c in summary["curves"].items() if any(b < a for a, b in zip(c["mean"], c["mean"][1:]))]
+    text = "; ".join(parts) + "." if parts else ""
+    clicks = summary.get("clicks") or {}
+    for s, c in clicks.items():
+        if s == "random" or s not in REGION_STRATEGIES or "vs_random_at_common" not in c:
+            continue
+        diff, se = c["vs_random_at_common"], c["vs_random_at_common_se"]
+        clear = math.isfinite(se) and abs(diff) > 2 * se
+        word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
+        text += (f" At {c['common_clicks']:.0f} clicks (the initial set's plus what every run spent) {s} {word} "
+                 f"image-level random ({diff:+.3f} ± {se:.3f} test mIoU, paired by seed).")
+    text += " A difference counts as clear here only when it exceeds twice its standard error."
     spread = float(np.mean([sd for c in summary["curves"].values() for sd in c["std"][1:]] or [0.0]))
+    falling = [s for s, c in summary["curves"].items() if any(b < a for a, b in zip(c["mean"], c["mean"][1:]))]
+    falling += [s for s, c in clicks.items() if s in REGION_STRATEGIES and any(b < a for a, b in zip(c["mean"], c["mean"][1:]))]
     if falling:
-        text += (f" The mean curve of {', '.join(falling)} falls somewhere as labels are added, and the seed-to-seed "
-                 f"standard deviation after round 1 averages {spread:.3f} mIoU: from-scratch training at this budget "
-                 "is not converged enough to separate strategies; more steps per round and more seeds are needed "
-                 "before any of these differences can be trusted.")
+        text += f" The mean curve of {', '.join(falling)} falls somewhere as labels are added."
+    text += f" The seed-to-seed standard deviation after round 1 averages {spread:.3f} mIoU."
+    if noise:
+        sigma = float(np.mean([v["std"] for v in noise.values()]))
+        need = math.ceil(8 * sigma**2 / 0.01**2)
+        text += (f" Training alone, on one fixed labeled set, spreads by {sigma:.3f} mIoU over training seeds "
+                 f"(benchmarks/results/training_noise.md, every recipe tried): two runs of a comparison differ by "
+                 f"about {math.sqrt(2) * sigma:.3f} from training alone, so a true difference of 0.01 mIoU needs "
+                 f"about {need} seeds to exceed twice its standard error.")
     return text
 
 
@@ -451,13 +476,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only and previous.exists():  # the figures of the invocation that ran the experiments
         ran = json.loads(previous.read_text())
         meta.update({k: ran[k] for k in ("command", "date", "wall_minutes", "load_before", "load_after") if k in ran})
-    meta["verdict"] = verdict(summary) if summary["paired_vs_random"] else ""
+    noise_file = RESULTS / "training_noise.json"
+    noise = json.loads(noise_file.read_text())["summary"] if noise_file.exists() else None
+    meta["verdict"] = verdict(summary, noise) if summary["paired_vs_random"] or summary.get("clicks") else ""
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                            **summary, **meta}, indent=2) + "\n")
     write_markdown(RESULTS / f"{args.out}.md", args, summary, meta)
-    plot(RESULTS / f"{args.out}.png", summary, meta["metric"])
+    plot(RESULTS / f"{args.out}.png", summary, str(meta["metric"]))
     if summary.get("clicks"):
-        plot_clicks(RESULTS / f"{args.out}_clicks.png", summary, meta["metric"])
+        plot_clicks(RESULTS / f"{args.out}_clicks.png", summary, str(meta["metric"]))
     print((RESULTS / f"{args.out}.md").read_text())
 
 
