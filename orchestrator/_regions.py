@@ -388,72 +388,69 @@ def within_budget(queue: list[tuple[str, int]], clicks: dict[tuple[str, int], fl
     return kept
 
 
+def _grow_partial(df: pd.DataFrame, i: Any, round_index: int, path: Path, done: Any, ignore_index: int,
+                  mask: np.ndarray | None = None) -> None:
+    """Row ``i`` of ``df`` after labeling regions of its image (``done``, a ``workers.RegionLabeling``;
+    its mask, or ``mask`` when the written labels differ from the oracle's) into the partial mask at
+    ``path``: labeled and partial from this round on, mask path, labeled pixels, clicks, regions."""
+    if not bool(df.loc[i, LABELED]):
+        df.loc[i, [LABELED, PARTIAL]] = [True, True]
+        df.loc[i, ROUND_LABELED] = round_index
+        df.loc[i, WEIGHT] = 1.0
+    df.loc[i, MASK_PATH] = str(path)
+    df.loc[i, LABELED_PIXELS] = workers.labeled_pixel_count(done.mask if mask is None else mask, ignore_index)
+    df.loc[i, CLICKS] = float(df.loc[i, CLICKS]) + done.cost.clicks
+    df.loc[i, REGIONS_LABELED] = int(df.loc[i, REGIONS_LABELED]) + len(done.rows)
+
+
+def _in_rank_order(records: pd.DataFrame, queue: list[Any]) -> pd.DataFrame:
+    """``records`` (one row per labeled region) in the order of ``queue`` ([sample_id, region_id]
+    pairs in rank order), ``sample_id`` first."""
+    rank = {(str(sid), int(rid)): k for k, (sid, rid) in enumerate(queue)}
+    order = np.argsort([rank[(str(s), int(r))] for s, r in zip(records[rcol.SAMPLE_ID], records[rcol.REGION_ID])],
+                       kind="stable")
+    records = records.iloc[order].reset_index(drop=True)
+    return records[[rcol.SAMPLE_ID, *[c for c in records.columns if c != rcol.SAMPLE_ID]]]
+
+
 def _label_regions(loop: ActiveLearningLoop, state: State, df: pd.DataFrame,
                    regions: list[list[Any]], budget: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(``df`` with the touched images' new partial masks and columns, the oracle's rows).
 
     The oracle works down the queue ``regions`` in rank order and labels what ``budget`` clicks
     pay for at the regions' real cost (:func:`within_budget`)."""
-    cfg = loop.config
     classes = loop._classes()
-    spec = region_spec(cfg)
-    uri = cache_uri(cfg, loop.workdir)
-    sam, sam_id = _sam(cfg, loop.workdir)
-    cache = workers.RegionCache(uri, spec, sam_id)
-    proposer = None
-    cost = cost_model(cfg)
+    region_maps = _region_maps(loop)
+    cost = cost_model(loop.config)
     queue = [(str(sid), int(rid)) for sid, rid in regions]
     position = pd.Series(np.arange(len(df)), index=df[SAMPLE_ID].astype(str))
     inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     real: dict[tuple[str, int], float] = {}
-    for sid in dict.fromkeys(s for s, _ in queue):  # what each queued region really costs
+    for sid, ids in _queue_by_image({"regions": queue}).items():  # what each queued region really costs
         row = df.iloc[int(position[sid])]
-        image_path = str(row[IMAGE_PATH])
-        region_map = cache.get(workers.file_digest(image_path))
-        if region_map is None:  # the cache was cleared since scoring: the same map again
-            proposer = proposer or workers.RegionProposer(spec, uri, sam, sam_id)
-            region_map, _ = proposer.regions(image_path)
+        region_map = region_maps(str(row[IMAGE_PATH]))
         truth = workers.load_mask(str(row[TRUTH_PATH]), classes)
         partial = workers.load_mask(str(row[MASK_PATH]), classes) if bool(row[LABELED]) else None
         inputs[sid] = (truth, region_map, partial)
-        ids = [r for s, r in queue if s == sid]
         trial = workers.label_regions(truth, region_map, ids, ignore_index=classes.ignore_index, cost=cost)
         real.update({(sid, int(r)): float(c) for r, c in zip(trial.rows[rcol.REGION_ID], trial.rows[rcol.CLICKS])})
     kept = within_budget(queue, real, budget)
     log.info("round %d: the oracle labels %d of %d queued regions, %.1f of %.1f clicks", state.round, len(kept),
              len(queue), sum(real[k] for k in kept), budget)
-    wanted: dict[str, list[int]] = {}
-    for sid, rid in kept:
-        wanted.setdefault(sid, []).append(rid)
     parts = []
-    for sid, ids in wanted.items():
-        row = df.iloc[int(position[sid])]
+    for sid, ids in _queue_by_image({"regions": kept}).items():
         truth, region_map, partial = inputs[sid]
         done = workers.label_regions(truth, region_map, ids, ignore_index=classes.ignore_index, cost=cost,
                                      partial=partial)
         path = partial_mask_path(loop.workdir, state.round, sid)
         workers.write_mask(path, done.mask)
-        i = df.index[int(position[sid])]
-        if not bool(row[LABELED]):
-            df.loc[i, [LABELED, PARTIAL]] = [True, True]
-            df.loc[i, ROUND_LABELED] = state.round
-            df.loc[i, WEIGHT] = 1.0
-        df.loc[i, MASK_PATH] = str(path)
-        df.loc[i, LABELED_PIXELS] = workers.labeled_pixel_count(done.mask, classes.ignore_index)
-        df.loc[i, CLICKS] = float(row[CLICKS]) + done.cost.clicks
-        df.loc[i, REGIONS_LABELED] = int(row[REGIONS_LABELED]) + len(ids)
+        _grow_partial(df, df.index[int(position[sid])], state.round, path, done, classes.ignore_index)
         parts.append(done.rows.assign(**{rcol.SAMPLE_ID: sid, "round": state.round}))
     if parts:
         records = pd.concat(parts, ignore_index=True)
-        order = {key: i for i, key in enumerate(kept)}  # the queue's rank order
-        records = records.iloc[np.argsort([order[(str(a), int(b))] for a, b in
-                                           zip(records[rcol.SAMPLE_ID], records[rcol.REGION_ID])], kind="stable")]
-        records = records.reset_index(drop=True)
-        records = records[[rcol.SAMPLE_ID, *[c for c in records.columns if c != rcol.SAMPLE_ID]]]
+        records = _in_rank_order(records, kept)
     else:
-        records = pd.DataFrame({rcol.SAMPLE_ID: pd.Series(dtype=str), rcol.REGION_ID: pd.Series(dtype=np.int64),
-                                rcol.CLICKS: pd.Series(dtype=float), rcol.LABELED_PIXELS: pd.Series(dtype=np.int64),
-                                rcol.MIXED: pd.Series(dtype=bool), "round": pd.Series(dtype=np.int64)})
+        records = _no_records()
     return df, records
 
 
@@ -606,15 +603,7 @@ def import_labels(loop: ActiveLearningLoop, state: State, request: dict[str, Any
         path = imported_mask_path(loop.workdir, state.round, sid, mask)
         if not path.exists():  # content-addressed: never overwritten
             workers.write_mask(path, mask)
-        i = df.index[int(position[sid])]
-        if not bool(row[LABELED]):
-            df.loc[i, [LABELED, PARTIAL]] = [True, True]
-            df.loc[i, ROUND_LABELED] = state.round
-            df.loc[i, WEIGHT] = 1.0
-        df.loc[i, MASK_PATH] = str(path)
-        df.loc[i, LABELED_PIXELS] = workers.labeled_pixel_count(mask, ignore)
-        df.loc[i, CLICKS] = float(row[CLICKS]) + done.cost.clicks
-        df.loc[i, REGIONS_LABELED] = int(row[REGIONS_LABELED]) + len(ids)
+        _grow_partial(df, df.index[int(position[sid])], state.round, path, done, ignore, mask=mask)
         parts.append(done.rows.assign(**{rcol.SAMPLE_ID: sid, "round": state.round}))
         added[sid] = ids
     report: dict[str, Any] = {"source": str(source), "found": len(answers), "added": list(added),
@@ -622,10 +611,7 @@ def import_labels(loop: ActiveLearningLoop, state: State, request: dict[str, Any
     if not parts:
         return report
     new = pd.concat(parts, ignore_index=True)
-    rank = {(str(sid), int(rid)): k for k, (sid, rid) in enumerate(state.round_info["select"]["regions"])}
-    new = new.iloc[np.argsort([rank[(str(s), int(r))] for s, r in zip(new[rcol.SAMPLE_ID], new[rcol.REGION_ID])],
-                              kind="stable")]
-    new = new[[rcol.SAMPLE_ID, *[c for c in new.columns if c != rcol.SAMPLE_ID]]].reset_index(drop=True)
+    new = _in_rank_order(new, state.round_info["select"]["regions"])
     records_file = loop._round_dir(state) / LABELED_REGIONS_FILE
     before = _imported_records(records_file, received)
     records = pd.concat([before, new], ignore_index=True) if len(before) else new
