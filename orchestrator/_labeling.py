@@ -18,6 +18,7 @@ import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ._atomic import atomic_write_json
+from ._atomic import atomic_write, atomic_write_json
 from ._labelstudio import brush_to_mask, mask_to_brush
 from ._table import IMAGE_PATH, SAMPLE_ID
 
@@ -317,3 +318,18 @@ def read_answers(source: Path, manifest: Mapping[str, Any], classes: Any,
 
 def mask_digest(mask: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(mask).tobytes() + str(mask.shape).encode()).hexdigest()[:16]
+
+
+def save_answers(answers: Sequence[ImportedMask], folder: Path) -> dict[str, str]:
+    """Write each answer's mask to ``folder/<task name>-<digest>.png``; sample id -> path.
+
+    Named by content, a file is never rewritten: a revision that points to it keeps its mask."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for a in answers:
+        path = folder / f"{task_name(a.sample_id)}-{mask_digest(a.mask)}.png"
+        if not path.exists():
+            png: bytes = cv2.imencode(".png", a.mask)[1].tobytes()
+            atomic_write(path, partial(Path.write_bytes, data=png))
+        paths[a.sample_id] = str(path)
+    return paths

@@ -133,35 +133,6 @@ def learning_curve(history: Sequence[Mapping[str, Any]], current: tuple[int, int
     return pd.DataFrame(rows).sort_values("round", ignore_index=True)
 
 
-def selection_with_reasons(
-    selection: pd.DataFrame, strategy: Any, candidates: pd.DataFrame, budget: int, rng: np.random.Generator,
-    embeddings: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """The selection table (rank, sample id, scores) with the strategy's ``priority`` and ``reason``
-    for each pick.
-
-    The select phase writes the scores; the reasons come from running ``strategy`` (the instance
-    the select phase used) again on the same candidates with the same generator: strategies are
-    pure, so it picks the same ids. If it does not, the reasons are left empty rather than attached
-    to the wrong samples.
-    """
-    if "reason" in selection.columns:
-        return selection
-    try:
-        picked = strategy.select_with_reasons(candidates, budget, rng, embeddings)
-    except Exception as exc:  # a report must not fail the round
-        log.warning("could not explain the selection of strategy %s: %s", strategy.name, exc)
-        return selection.assign(reason="")
-    if picked[SAMPLE_ID].tolist() != selection[SAMPLE_ID].astype(str).tolist():
-        log.warning("strategy %s picked other samples when run again; the selection table has no reasons",
-                    strategy.name)
-        return selection.assign(reason="")
-    extra = picked[[SAMPLE_ID, "priority", "reason"]]
-    return selection.drop(columns=[c for c in ("priority",) if c in selection.columns]).merge(
-        extra, on=SAMPLE_ID, how="left"
-    )
-
-
 @dataclass(frozen=True)
 class RoundArtifacts:
     """Files of one round's report: uploaded at the run's root or under ``figures/``/``tables/``."""

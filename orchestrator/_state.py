@@ -11,6 +11,10 @@ from ._atomic import atomic_write_json
 
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+"""The config the experiment was started with (``resume`` reuses it)."""
+UNREADABLE_FILE = "unreadable.csv"
+"""Train images left out because they do not decode (``data.skip_unreadable``): sample_id, image_path, error."""
 PHASES = ("train", "score", "select", "label", "track")
 
 

@@ -45,8 +45,8 @@ from strategies import build_strategy
 
 from ._atomic import atomic_write, atomic_write_text
 from ._config import Config, _build, _parse_override, config_from_dict, load_config
-from ._loop import train_spec
 from ._table import IMAGE_PATH, LABELED, MASK_PATH, SAMPLE_ID, SPLIT, TRAIN_SPLIT, VAL_SPLIT, WEIGHT, TableStore
+from ._train import train_spec
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def fixed_labeled_set(base: Config, root: Path, labeled_from: str | None) -> dic
     the base config's initial random set, in ``<root>/labeled-<config hash>`` (the table build of a
     fresh experiment, without running a round).
     """
-    from ._loop import ActiveLearningLoop
+    from . import ActiveLearningLoop
 
     if labeled_from is not None:
         loop = ActiveLearningLoop.resume(labeled_from)
@@ -587,7 +587,7 @@ def active_learning_trial(
 
 def _loop_rounds(config: dict[str, Any], workdir: str) -> Iterator[dict[str, Any]]:
     """Run the experiment to its end, yielding one row of numbers per round."""
-    from ._loop import ActiveLearningLoop
+    from . import ActiveLearningLoop
 
     loop = ActiveLearningLoop(config_from_dict(config), workdir)
     while not loop.done:

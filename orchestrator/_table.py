@@ -66,6 +66,14 @@ def validate_table(df: pd.DataFrame) -> None:
         raise ValueError("a labeled sample has no round_labeled")
 
 
+def flag(df: pd.DataFrame, column: str) -> pd.Series:
+    """The boolean column ``column`` of ``df`` (missing values False), or all False when absent:
+    optional flags such as ``excluded``, ``needs_relabel`` and ``partial``."""
+    if column not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df[column].fillna(False).astype(bool)
+
+
 class TableStore:
     """Immutable table revisions under ``root`` (``<workdir>/table``)."""
 

@@ -31,6 +31,7 @@ from ._regions import (
     region_strategy_options,
     register_region_strategy,
 )
+from ._registry import Registry
 from ._reweight import (
     compute_weights,
     manual_override,
@@ -72,6 +73,7 @@ __all__ = [
     "PowerSamplingStrategy",
     "RandomStrategy",
     "Ranking",
+    "Registry",
     "Requirements",
     "SamDisagreementStrategy",
     "ScoreStrategy",

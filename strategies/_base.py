@@ -7,7 +7,6 @@ a :class:`Ranking` (one method to write) and the base class does the rest: check
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pandas as pd
+
+from ._registry import Registry
 
 ID_COLUMN = "sample_id"
 LABELED_COLUMN = "labeled"
@@ -381,7 +382,7 @@ class ScoreStrategy(Strategy):
 
 # -- registry ----------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, type[Strategy]] = {}
+REGISTRY: Registry[type[Strategy]] = Registry("strategy")
 S = TypeVar("S", bound=type[Strategy])
 
 StrategySpec = str | Mapping[str, Any] | Strategy
@@ -397,36 +398,24 @@ def register_strategy(name: str) -> Callable[[S], S]:
     """
 
     def add(cls: S) -> S:
-        if name in _REGISTRY:
-            raise ValueError(f"strategy '{name}' is already registered")
-        for p in _option_parameters(cls).values():
-            if p.default is inspect.Parameter.empty:
-                raise TypeError(f"strategy '{name}': option '{p.name}' needs a default")
+        REGISTRY.register(name)(cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return add
 
 
-def _option_parameters(cls: type[Strategy]) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
 def strategy_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy '{name}'; registered: {', '.join(strategy_names())}")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def strategy_options(name: str) -> dict[str, Any]:
     """The options of strategy ``name`` with their defaults."""
-    return {n: p.default for n, p in _option_parameters(strategy_class(name)).items()}
+    return REGISTRY.options(name)
 
 
 def build_strategy(name: str, **options: Any) -> Strategy:
@@ -435,13 +424,8 @@ def build_strategy(name: str, **options: Any) -> Strategy:
     An unknown name lists the registered ones; an unknown option names the strategy and the option
     and lists the valid options.
     """
-    cls = strategy_class(name)
-    valid = _option_parameters(cls)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        listed = ", ".join(sorted(valid)) if valid else "none"
-        raise ValueError(f"strategy '{name}' has no option '{unknown[0]}'; valid options: {listed}")
-    return cls(**options)
+    strategy: Strategy = REGISTRY.build(name, **options)
+    return strategy
 
 
 def build_member(spec: StrategySpec, owner: str, option: str) -> Strategy:

@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 
 from . import _region_columns as rcol
-from ._base import Requirements, _option_parameters, as_priority, descending_order, strategy_names
+from ._base import REGISTRY as IMAGE_REGISTRY
+from ._base import Requirements, as_priority, descending_order
+from ._registry import Registry
 
 __all__ = [
     "RegionStrategy",
@@ -157,7 +159,8 @@ def _greedy(key: np.ndarray, cost: np.ndarray, budget: float) -> np.ndarray:
 # -- strategies ----------------------------------------------------------------------------------------
 
 
-_REGISTRY: dict[str, type[RegionStrategy]] = {}
+REGISTRY: Registry[type[RegionStrategy]] = Registry("region strategy")
+REGISTRY.share_namespace(IMAGE_REGISTRY)  # a config names either kind of strategy by name alone
 R = TypeVar("R", bound=type[RegionStrategy])
 
 
@@ -166,42 +169,30 @@ def register_region_strategy(name: str) -> Callable[[R], R]:
     config names either kind of strategy by name alone). Options are keyword-only with defaults."""
 
     def add(cls: R) -> R:
-        if name in _REGISTRY or name in strategy_names():
-            raise ValueError(f"strategy '{name}' is already registered")
-        for p in _option_parameters(cls).values():  # type: ignore[arg-type]
-            if p.default is p.empty:
-                raise TypeError(f"region strategy '{name}': option '{p.name}' needs a default")
+        REGISTRY.register(name)(cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return add
 
 
 def region_strategy_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def region_strategy_class(name: str) -> type[RegionStrategy]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown region strategy '{name}'; registered: {', '.join(region_strategy_names())}")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def region_strategy_options(name: str) -> dict[str, Any]:
     """The options of region strategy ``name`` with their defaults."""
-    return {n: p.default for n, p in _option_parameters(region_strategy_class(name)).items()}  # type: ignore[arg-type]
+    return REGISTRY.options(name)
 
 
 def build_region_strategy(name: str, **options: Any) -> RegionStrategy:
     """An instance of the registered region strategy ``name``; an unknown name or option lists the valid ones."""
-    cls = region_strategy_class(name)
-    valid = _option_parameters(cls)  # type: ignore[arg-type]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        listed = ", ".join(sorted(valid)) if valid else "none"
-        raise ValueError(f"region strategy '{name}' has no option '{unknown[0]}'; valid options: {listed}")
-    return cls(**options)
+    strategy: RegionStrategy = REGISTRY.build(name, **options)
+    return strategy
 
 
 @register_region_strategy("region_random")

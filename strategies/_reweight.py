@@ -7,7 +7,6 @@ table's ``weight`` column, logs it, and applies :func:`manual_override` last.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -16,40 +15,33 @@ import pandas as pd
 
 from . import _columns as col
 from ._base import ID_COLUMN, LABELED_COLUMN
+from ._registry import Registry
 
 WEIGHT = "weight"
 
 Policy = Callable[..., pd.Series]
 P = TypeVar("P", bound=Policy)
-_POLICIES: dict[str, Policy] = {}
+REGISTRY: Registry[Policy] = Registry("reweighting policy", positional=1)
+"""``policy(table, *, options...) -> Series`` by name."""
 
 
 def register_reweighting(name: str) -> Callable[[P], P]:
     """Decorator adding ``policy(table, *, options...) -> Series`` under ``name`` (unique)."""
 
     def add(policy: P) -> P:
-        if name in _POLICIES:
-            raise ValueError(f"reweighting policy '{name}' is already registered")
-        _POLICIES[name] = policy
+        REGISTRY.register(name)(policy)
         return policy
 
     return add
 
 
 def reweighting_names() -> list[str]:
-    return sorted(_POLICIES)
-
-
-def _policy(name: str) -> Policy:
-    if name not in _POLICIES:
-        raise ValueError(f"unknown reweighting policy '{name}'; registered: {', '.join(reweighting_names())}")
-    return _POLICIES[name]
+    return REGISTRY.names()
 
 
 def reweighting_options(name: str) -> dict[str, Any]:
     """The options of policy ``name`` with their defaults."""
-    params = inspect.signature(_policy(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return REGISTRY.options(name)
 
 
 def compute_weights(name: str, table: pd.DataFrame, **options: Any) -> pd.Series:
@@ -57,13 +49,8 @@ def compute_weights(name: str, table: pd.DataFrame, **options: Any) -> pd.Series
 
     An unknown name or option is a ``ValueError`` listing the valid ones.
     """
-    policy = _policy(name)
-    valid = reweighting_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        listed = ", ".join(sorted(valid)) if valid else "none"
-        raise ValueError(f"reweighting policy '{name}' has no option '{unknown[0]}'; valid options: {listed}")
-    return policy(table, **options)
+    weights: pd.Series = REGISTRY.build(name, table, **options)
+    return weights
 
 
 def _labeled(table: pd.DataFrame) -> pd.DataFrame:

@@ -20,6 +20,7 @@ import pytest
 
 from orchestrator import ActiveLearningLoop, TableStore, config_from_dict, load_config
 from orchestrator._cli import main as shoal_main
+from orchestrator._train import weight_overrides
 from strategies import build_strategy, manual_override
 from workers import generate_synthetic, load_image
 
@@ -396,13 +397,13 @@ def test_bad_weight_override_files_are_refused_naming_the_file(tmp_path: Path, c
     path = tmp_path / "weights.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=re.escape(message)) as info:
-        ActiveLearningLoop._weight_overrides(str(path))
+        weight_overrides(str(path))
     assert str(path) in str(info.value)
 
 
 def test_a_missing_weight_override_file_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="loop.reweighting.override_file: .*nowhere.csv"):
-        ActiveLearningLoop._weight_overrides(str(tmp_path / "nowhere.csv"))
+        weight_overrides(str(tmp_path / "nowhere.csv"))
 
 
 @pytest.mark.parametrize("section, message", [

@@ -53,7 +53,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture
 def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let a test register names without leaking them into the module-wide registry."""
-    monkeypatch.setattr(_models, "_REGISTRY", dict(_models._REGISTRY))
+    monkeypatch.setattr(_models, "REGISTRY", _models.REGISTRY.copy())
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_unknown_model_lists_registered() -> None:
 
 
 def test_unknown_option_names_model_key_and_valid_keys() -> None:
-    with pytest.raises(ValueError, match="'base_chanels'.*'unet'.*base_channels, depth, dropout"):
+    with pytest.raises(ValueError, match="model 'unet' has no option 'base_chanels'; valid options: base_channels, depth, dropout"):
         build_model("unet", 3, {"base_chanels": 8})
 
 

@@ -16,7 +16,7 @@ import pytest
 import strategies
 import workers
 from orchestrator import ActiveLearningLoop, TableStore, _faults, config_from_dict
-from orchestrator import _regions as regions
+from orchestrator import _region_unit as regions
 from orchestrator._labeling import export_folder_tasks
 
 from .conftest import tiny_config
@@ -263,7 +263,7 @@ def test_the_round_finishes_with_what_came_back(paused: ActiveLearningLoop) -> N
     mask = workers.load_mask(str(row.mask_path), CLASSES)
     region_map = workers.resize_regions(cache_map(paused, skip_sid), mask.shape)
     assert (mask[region_map == skip_rid] == IGNORE).all() and (mask != IGNORE).any()
-    assert regions.open_pool(table)[table.sample_id == skip_sid].all()
+    assert regions.RegionUnit(paused.config).open_pool(table)[table.sample_id == skip_sid].all()
     offered = regions.region_table(paused.workdir, 2, str(paused.workdir / "rounds" / "round-001" / "region_scores"))
     flags = offered.set_index(["sample_id", "region_id"])["labeled"]
     assert not flags[(skip_sid, skip_rid)]

@@ -68,10 +68,13 @@ def test_sam_config_section_is_checked_where_it_is_built() -> None:
 def test_loop_accepts_a_sam_strategy_only_with_sam_enabled(tmp_path: Path) -> None:
     off = config_from_dict(tiny_config(loop={"strategy": "sam_disagreement"}))
     with pytest.raises(ValueError, match="reads SAM agreement columns; set sam.enabled: true and sam.checkpoint"):
-        ActiveLearningLoop(off, tmp_path / "a")._strategy()
+        ActiveLearningLoop(off, tmp_path / "a").start()  # refused at the start, before anything is written
+    assert not (tmp_path / "a").exists()
     on = config_from_dict(tiny_config(
         loop={"strategy": "fusion", "strategy_options": {"members": {"entropy": 1, "sam_disagreement": {"weight": 1, "class_id": 1}}}},
         sam={"enabled": True, "model_type": "tiny", "checkpoint": "w.pt"}))
-    assert ActiveLearningLoop(on, tmp_path / "b")._strategy().name == "fusion"
+    unit = ActiveLearningLoop(on, tmp_path / "b").ctx.unit
+    unit.check(on)
+    assert unit.strategy.name == "fusion"
     bald = config_from_dict(tiny_config(loop={"strategy": "bald"}))  # the extended pass runs MC dropout
-    assert ActiveLearningLoop(bald, tmp_path / "c")._strategy().requirements().mc_dropout_passes == 8
+    assert ActiveLearningLoop(bald, tmp_path / "c").ctx.unit.strategy.requirements().mc_dropout_passes == 8

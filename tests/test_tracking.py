@@ -237,7 +237,7 @@ def test_each_round_run_holds_params_metrics_tags_and_artifacts(served, tmp_path
     children = {int(r.data.tags["shoal.round"]): r for r in client.search_runs(
         [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")}
     assert sorted(children) == [1, 2]
-    names = loop._classes().names
+    names = loop.ctx.classes().names
     for r in results:
         run = children[r.round]
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags

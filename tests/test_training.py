@@ -240,7 +240,10 @@ def test_the_round_revision_carries_per_sample_training_signals(tmp_path: Path, 
 
     monkeypatch.setattr(workers, "train", train_in_process)
     monkeypatch.setattr(workers, "score_pool", no_scoring)
-    monkeypatch.setattr(ActiveLearningLoop, "_ray", lambda self: None)
+    from orchestrator._context import Context
+    from orchestrator._loop import PHASES
+
+    monkeypatch.setattr(Context, "ray", lambda self: None)
     # random selection and no label review: the score phase has nothing to compute
     cfg = config_from_dict(tiny_config(loop={"strategy": "random"}, train={"epochs": 1, "init": "previous"},
                                        review={"enabled": False}))
@@ -248,7 +251,7 @@ def test_the_round_revision_carries_per_sample_training_signals(tmp_path: Path, 
     state = loop.start()
     trained_on = set(loop.store.read(state.revision).query("labeled").sample_id)
     for phase in ("train", "score", "select", "label"):
-        state.round_info[phase] = getattr(loop, f"_phase_{phase}")(state)
+        state.round_info[phase] = PHASES[phase](loop.ctx)
     info = state.round_info["train"]
     assert "train_loss" not in info and Path(info["train_signals_file"]).exists()
     per_image = pd.read_parquet(info["val_per_image_file"])
@@ -260,5 +263,8 @@ def test_the_round_revision_carries_per_sample_training_signals(tmp_path: Path, 
     assert table.train_iou.notna().equals(has_signal)
     assert (table.loc[has_signal, "train_loss"] > 0).all() and table.loc[has_signal, "train_iou"].between(0, 1).all()
 
+    from orchestrator._train import init_checkpoint
+
     state.round = 2  # round 2 fine-tunes round 1's best checkpoint
-    assert loop._init_checkpoint(state) == str(loop.workdir / "rounds/round-001/model.pt")
+    loop.state = state
+    assert init_checkpoint(loop.ctx) == str(loop.workdir / "rounds/round-001/model.pt")

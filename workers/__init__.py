@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_image": "_data",
     "load_mask": "_data",
     "build_model": "_models",
+    "check_model": "_models",
     "model_names": "_models",
     "load_checkpoint": "_models",
     "TrainSpec": "_train",

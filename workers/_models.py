@@ -12,7 +12,6 @@ misspelled option fails loudly instead of being ignored.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import tempfile
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strategies import Registry
+
 if TYPE_CHECKING:
     from transformers import SegformerForSemanticSegmentation
 
@@ -32,6 +33,7 @@ __all__ = [
     "Builder",
     "SegmentationModel",
     "build_model",
+    "check_model",
     "load_checkpoint",
     "load_model_state",
     "model_names",
@@ -56,7 +58,7 @@ Builder = Callable[..., SegmentationModel]
 
 CHECKPOINT_FORMAT = 1
 
-_REGISTRY: dict[str, Builder] = {}
+REGISTRY: Registry[Builder] = Registry("model", positional=1)
 
 # Set on every model that build_model returns, so save_model_state can record how to rebuild it.
 _SPEC_ATTR = "_shoal_model_spec"
@@ -79,35 +81,12 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     Every parameter of the builder after ``num_classes`` must be keyword-only with a default:
     those are the model's options.
     """
-
-    def decorator(builder: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered (by {_REGISTRY[name]!r})")
-        params = list(inspect.signature(builder).parameters.values())
-        bad = [
-            p.name
-            for p in params[1:]
-            if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty
-        ]
-        if not params or bad:
-            raise ValueError(
-                f"builder for model {name!r} must be builder(num_classes, *, option=default, ...);"
-                f" offending parameters: {', '.join(bad) or '(none: num_classes is missing)'}"
-            )
-        _REGISTRY[name] = builder
-        return builder
-
-    return decorator
+    return lambda builder: REGISTRY.register(name)(builder)
 
 
 def model_names() -> list[str]:
     """Registered model names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def _option_defaults(name: str) -> dict[str, Any]:
-    params = list(inspect.signature(_REGISTRY[name]).parameters.values())[1:]
-    return {p.name: p.default for p in params}
+    return REGISTRY.names()
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -127,14 +106,11 @@ def _plain(value: Any, where: str) -> Any:
 
 def _resolve(name: str, num_classes: int, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Check ``name``, ``num_classes`` and option keys; return every option with defaults filled."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(model_names())}")
+    REGISTRY.get(name)  # an unknown name lists the registered ones
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r} (model {name!r})")
-    resolved = _option_defaults(name)
-    unknown = sorted(set(options or {}) - set(resolved))
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for model {name!r}; valid: {', '.join(sorted(resolved))}")
+    REGISTRY.check_options(name, options or {})
+    resolved = REGISTRY.options(name)
     resolved.update(options or {})
     return {key: _plain(value, f"option {key!r} of model {name!r}") for key, value in resolved.items()}
 
@@ -146,12 +122,20 @@ def build_model(name: str, num_classes: int, options: Mapping[str, Any] | None =
     The returned module maps ``x: [N, 3, H, W] float32`` to logits ``[N, num_classes, H, W]``.
     """
     resolved = _resolve(name, num_classes, options)
-    model = _REGISTRY[name](num_classes, **resolved)
+    model = REGISTRY.get(name)(num_classes, **resolved)
     if not isinstance(model, SegmentationModel):
         # Fails for the builder's author, not later in a scoring worker that calls encode().
         raise TypeError(f"builder of model {name!r} returned {type(model).__name__}, not a SegmentationModel")
     setattr(model, _SPEC_ATTR, _ModelSpec(name, num_classes, resolved))
     return model
+
+
+def check_model(name: str, options: Mapping[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` now for what :func:`build_model` would refuse later, in a training
+    worker: an unknown model, an unknown option or a bad option value. The model is built on no
+    device (``torch.device("meta")``: no memory, no weights copied), so this costs about a second."""
+    with torch.device("meta"):
+        build_model(name, 2, options)
 
 
 # --------------------------------------------------------------------------------------------

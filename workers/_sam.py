@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from strategies import Registry
+
 from ._data import load_image
 from ._prompts import ImagePrompts, PromptSpec, agreement_columns, component_iou, jitter_prompts, prompts_from_mask
 from ._sam_cache import EmbeddingCache, SamEmbedding, checkpoint_digest, file_digest
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 SamBuilder = Callable[[], "Sam"]
 """``builder() -> Sam`` with random weights, in eval mode."""
 
-_REGISTRY: dict[str, SamBuilder] = {}
+REGISTRY: Registry[SamBuilder] = Registry("SAM model type")
 
 OFFICIAL_CHECKPOINTS = {
     "vit_b": "sam_vit_b_01ec64.pth",
@@ -68,18 +70,11 @@ _ENCODER_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 
 def register_sam_model(name: str) -> Callable[[SamBuilder], SamBuilder]:
     """Decorator adding a SAM architecture under ``name``; a name registered twice raises."""
-
-    def add(builder: SamBuilder) -> SamBuilder:
-        if name in _REGISTRY:
-            raise ValueError(f"SAM model type {name!r} is already registered")
-        _REGISTRY[name] = builder
-        return builder
-
-    return add
+    return lambda builder: REGISTRY.register(name)(builder)
 
 
 def sam_model_types() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def _official(name: str) -> Sam:
@@ -119,9 +114,7 @@ def build_tiny_sam() -> Sam:
 
 def new_sam(model_type: str) -> Sam:
     """The ``model_type`` architecture with random weights (what :func:`build_sam` loads into)."""
-    if model_type not in _REGISTRY:
-        raise ValueError(f"unknown SAM model type {model_type!r} (sam.model_type); registered: {', '.join(sam_model_types())}")
-    return _REGISTRY[model_type]().eval()
+    return REGISTRY.get(model_type)().eval()
 
 
 def _guess_model_type(state: Mapping[str, Any]) -> str | None:

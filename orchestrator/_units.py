@@ -1,0 +1,19 @@
+"""The acquisition unit of an experiment, chosen once from the config: the only code outside the
+config that reads ``loop.unit``. See :class:`~orchestrator._context.AcquisitionUnit`."""
+
+from __future__ import annotations
+
+from ._config import Config
+from ._context import AcquisitionUnit
+from ._image_unit import ImageUnit
+from ._region_unit import RegionUnit
+
+UNITS: dict[str, type[ImageUnit] | type[RegionUnit]] = {"image": ImageUnit, "region": RegionUnit}
+
+__all__ = ["UNITS", "AcquisitionUnit", "ImageUnit", "RegionUnit", "build_unit"]
+
+
+def build_unit(config: Config) -> AcquisitionUnit:
+    """The unit ``loop.unit`` names, with its strategy built from ``loop.strategy`` and its options
+    (an unknown option is a ``ValueError`` naming it)."""
+    return UNITS[config.loop.unit](config)
