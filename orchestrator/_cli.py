@@ -29,6 +29,8 @@ def _print_round(r: object) -> None:
         f"val mIoU {r.val_miou:.4f}, {r.seconds:.1f} s",
         flush=True,
     )
+    for text in r.extra.get("warnings", []):
+        print(f"  warning: {text}", flush=True)
 
 
 def _drive(loop: object) -> int:
@@ -43,7 +45,10 @@ def _drive(loop: object) -> int:
     awaiting = loop.awaiting_labels
     if awaiting is not None:
         missing = len(awaiting["requested"]) - len(awaiting["received"])
-        print(f"awaiting labels: {missing} of {len(awaiting['requested'])} selected samples, task folder {awaiting['task_dir']}")
+        state = loop.state
+        when = " (round 0: nothing is trained before these labels)" if state is not None and state.round == 0 else ""
+        print(f"awaiting labels{when}: {missing} of {len(awaiting['requested'])} selected samples, "
+              f"task folder {awaiting['task_dir']}")
         print(f"import them with: shoal import-labels {loop.workdir} SOURCE, then: shoal resume {loop.workdir}")
         return 0
     print(f"stopped: {loop.stop_reason}")
@@ -125,7 +130,9 @@ def _cmd_import_labels(args: argparse.Namespace) -> int:
     awaiting = loop.awaiting_labels
     if awaiting is not None:
         missing = len(awaiting["requested"]) - len(awaiting["received"])
-        print(f"{missing} selected samples still without labels; continue with: shoal resume {args.workdir}")
+        have = f"{missing} of {len(awaiting['requested'])} selected samples still without labels" if missing else \
+            f"all {len(awaiting['requested'])} selected samples labeled"
+        print(f"{have}; continue with: shoal resume {args.workdir}")
     return 0
 
 
@@ -152,6 +159,22 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if relabel and (loop.workdir / "relabel" / rev).exists():
         print(f"relabel task folder: {loop.workdir / 'relabel' / rev}; import with: "
               f"shoal import-labels {args.workdir} SOURCE --task {loop.workdir / 'relabel' / rev}")
+    return 0
+
+
+def _cmd_add_images(args: argparse.Namespace) -> int:
+    from ._loop import ActiveLearningLoop
+
+    loop = ActiveLearningLoop.resume(args.workdir)
+    report = loop.add_images(args.folder)
+    print(f"{len(report['added'])} images added to the pool from {report['source']} "
+          f"({len(report['labeled'])} with a label); table revision {report['revision']}")
+    for path, same in report["duplicates"]:
+        print(f"  skipped {path}: the same bytes as {same}, already in the pool")
+    for path, error in report["unreadable"]:
+        print(f"  skipped {path}: {error}")
+    if report["added"]:
+        print(f"the next round scores them; continue with: shoal resume {args.workdir}")
     return 0
 
 
@@ -207,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--relabel", help="file with one sample_id per line")
     edit.add_argument("--comment", required=True, help="why: kept with the revision")
     edit.set_defaults(func=_cmd_edit)
+
+    add = sub.add_parser("add-images", help="new images join the pool of a started experiment, as a new table revision")
+    add.add_argument("workdir")
+    add.add_argument("folder", nargs="?", help="a folder with images/ (and masks/, read as data.masks says); "
+                     "default: the pool folder data.train_dir, for images dropped there")
+    add.set_defaults(func=_cmd_add_images)
 
     sweep = sub.add_parser("sweep", help="Ray Tune sweeps: training hyperparameters, active-learning settings")
     sweep.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweep.yaml")

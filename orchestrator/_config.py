@@ -37,9 +37,21 @@ class SyntheticConfig:
 class DataConfig:
     kind: Literal["synthetic", "folder"] = "synthetic"
     """``synthetic``: the built-in subsea generator, written once under the work dir.
-    ``folder``: ``train_dir`` and ``val_dir`` each hold ``images/`` and ``masks/``."""
+    ``folder``: ``train_dir`` (the pool) holds ``images/`` and, for some images or all, ``masks/``;
+    ``val_dir``, when given, holds ``images/`` and ``masks/`` for every image."""
     train_dir: str | None = None
     val_dir: str | None = None
+    """A validation folder; null = hold out ``val_share`` of the labeled pool images instead."""
+    masks: Literal["auto", "labels", "ground_truth"] = "auto"
+    """What the masks in ``train_dir/masks`` are. ``labels``: an image with a mask is labeled from the
+    start (the seed set, round 0), an image without one is in the unlabeled pool, and no masks at all
+    means nothing is labeled yet. ``ground_truth`` (benchmarks): every mask is hidden truth, revealed
+    by the simulated oracle when its image is selected; ``loop.initial_labeled`` images start labeled.
+    ``auto``: ``ground_truth`` when every pool image has a mask, else ``labels``."""
+    val_share: float = 0.2
+    """Without ``val_dir``: the share of labeled pool images held out for validation and never trained
+    on, chosen by a hash of the sample id (an image never moves between training and validation);
+    at least one once two images are labeled. In (0, 1)."""
     image_size: tuple[int, int] = (96, 128)
     """(height, width) that images and masks are resized to inside the workers."""
     skip_unreadable: bool = False
@@ -208,7 +220,9 @@ class LoopConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     """Options of the strategy, e.g. ``{aggregation: mean}``; unknown options are an error."""
     initial_labeled: int = 16
-    """Samples labeled at random before the first round."""
+    """Samples labeled before the first round, chosen by ``initial_strategy``: revealed at the start
+    when the pool's masks are ground truth; asked of people in a labeling round before any training
+    when nothing is labeled yet (``data.masks: labels`` with no mask). Not used when seed masks exist."""
     budget: int = 16
     """Samples labeled per round."""
     rounds: int = 3
@@ -577,10 +591,11 @@ def _build(cls: Any, data: Mapping[str, Any], path: str = "") -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    if cfg.data.kind == "folder":
-        for key in ("train_dir", "val_dir"):
-            if getattr(cfg.data, key) is None:
-                raise ValueError(f"data.{key}: required when data.kind is 'folder'")
+    if cfg.data.kind == "folder" and cfg.data.train_dir is None:
+        raise ValueError("data.train_dir: required when data.kind is 'folder'")
+    if not 0.0 < cfg.data.val_share < 1.0:
+        raise ValueError(f"data.val_share: must be in (0, 1): a share of the labeled images held out for "
+                         f"validation, the rest trained on; got {cfg.data.val_share}")
     if any(v <= 0 for v in cfg.data.image_size):
         raise ValueError(f"data.image_size: must be two positive integers, got {cfg.data.image_size}")
     if cfg.train.samples_per_epoch is not None and cfg.train.samples_per_epoch <= 0:

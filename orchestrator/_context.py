@@ -41,8 +41,8 @@ class AcquisitionUnit(Protocol):
         """Refuse, before anything is written, what this unit cannot run (a strategy reading columns
         its scorer does not write, SAM columns without ``sam.enabled``)."""
 
-    def check_pool(self, n_train: int, initial_labeled: int) -> None:
-        """Refuse a budget the pool of ``n_train`` samples cannot pay for after the initial set."""
+    def check_pool(self, n_unlabeled: int) -> None:
+        """Refuse a budget that ``n_unlabeled`` pool images (after the initial set) cannot pay for."""
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
         """The first revision's unit-specific columns (the initial set is already labeled)."""
@@ -74,18 +74,28 @@ class AcquisitionUnit(Protocol):
 
 @dataclass
 class Context:
-    """The experiment a phase works on. ``state`` is None until the experiment has started."""
+    """The experiment a phase works on. ``state`` is None until the experiment has started.
+
+    ``rounds_unit`` labels the rounds; ``seed_unit`` labels round 0, the whole images people are
+    asked for before any model exists when an experiment starts with no label at all.
+    """
 
     config: Config
     workdir: Path
     store: TableStore
-    unit: AcquisitionUnit
+    rounds_unit: AcquisitionUnit
+    seed_unit: AcquisitionUnit
     state: State | None = None
     _tracker: workers.Tracker | None = field(default=None, repr=False)
     _classes: Any = field(default=None, repr=False)
     _tables: OrderedDict[str, pd.DataFrame] = field(default_factory=OrderedDict, repr=False)
 
     _TABLES_KEPT = 2
+
+    @property
+    def unit(self) -> AcquisitionUnit:
+        """The acquisition unit of the round in progress."""
+        return self.seed_unit if self.state is not None and self.state.round == 0 else self.rounds_unit
 
     @property
     def round_state(self) -> State:

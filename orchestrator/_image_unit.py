@@ -48,9 +48,9 @@ class ImageUnit:
 
     name = "image"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, strategy: Strategy | None = None) -> None:
         self.config = config
-        self.strategy: Strategy = build_strategy(config.loop.strategy, **config.loop.strategy_options)
+        self.strategy: Strategy = strategy or build_strategy(config.loop.strategy, **config.loop.strategy_options)
 
     # -- start ------------------------------------------------------------------------------------
 
@@ -77,11 +77,11 @@ class ImageUnit:
                 f"scorer does not produce yet; choose one of the mean-uncertainty strategies or random"
             )
 
-    def check_pool(self, n_train: int, initial_labeled: int) -> None:
-        if self.config.loop.budget > n_train - initial_labeled:
+    def check_pool(self, n_unlabeled: int) -> None:
+        if self.config.loop.budget > n_unlabeled:
             raise ValueError(
                 f"loop.budget: {self.config.loop.budget} samples per round exceeds the "
-                f"{n_train - initial_labeled} unlabeled samples left after the initial set"
+                f"{n_unlabeled} unlabeled samples left after the initial set"
             )
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
@@ -224,7 +224,7 @@ class ImageUnit:
             _faults.checkpoint("label:inside")  # masks revealed, revision not yet written
             df = round_table(ctx, df)
             idx = df[SAMPLE_ID].isin(selected)
-            mark_labeled(df, idx, round_index=state.round, mask_paths=masks)
+            mark_labeled(df, idx, round_index=state.round, config=cfg, mask_paths=masks)
             df = charge_images(df, idx, ctx.classes(), cfg)  # clicks and labeled pixels, for the click axis
             rev = ctx.store.write(df, parent=parent, round=state.round,
                                   comment=f"round {state.round}: +{len(selected)} by {cfg.loop.strategy}")
@@ -271,7 +271,7 @@ class ImageUnit:
         paths = save_answers(new, ctx.workdir / "labels" / f"round-{state.round:03d}")
         _faults.checkpoint("import:inside")  # mask files written, no revision yet
         idx = df[SAMPLE_ID].isin(paths)
-        mark_labeled(df, idx, round_index=state.round, mask_paths=paths)
+        mark_labeled(df, idx, round_index=state.round, config=cfg, mask_paths=paths)
         df = charge_images(df, idx, classes, cfg)  # what drawing these masks costs, in clicks
         rev = unrecorded_revision(ctx, base, df) or ctx.store.write(
             df, parent=base, round=state.round, comment=f"import labels: {len(new)} masks from {source}")

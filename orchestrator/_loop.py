@@ -18,14 +18,14 @@ from typing import Any
 
 import yaml
 
-from . import _faults, _label, _people, _score, _select, _start, _track, _train
+from . import _faults, _label, _people, _pool, _score, _select, _start, _track, _train
 from ._config import Config, config_from_dict
 from ._context import Context
 from ._round import awaiting_labels
 from ._state import CONFIG_FILE, STATE_FILE, State
 from ._table import TableStore
 from ._track import RoundResult
-from ._units import build_unit
+from ._units import build_seed_unit, build_unit
 
 __all__ = ["ActiveLearningLoop", "RoundResult"]
 
@@ -60,7 +60,8 @@ class ActiveLearningLoop:
                     f"continue it with `shoal resume {self.workdir}` or choose another --workdir"
                 )
             state = State.load(self.workdir)
-        self.ctx = Context(config, self.workdir, self.store, build_unit(config), state)
+        self.ctx = Context(config, self.workdir, self.store, rounds_unit=build_unit(config),
+                           seed_unit=build_seed_unit(config), state=state)
 
     @classmethod
     def resume(cls, workdir: str | Path) -> ActiveLearningLoop:
@@ -139,6 +140,9 @@ class ActiveLearningLoop:
             state.phase = phase
             if phase == "track":
                 _track.finish_round(self.ctx)
+            elif state.round == 0 and phase == "label":  # people's first labels are in: round 1 trains
+                _track.finish_seed_round(self.ctx)
+                start_round = 1
             _faults.checkpoint(f"{phase}:after")
             state.save(self.workdir)
         return RoundResult(**state.history[-1])
@@ -203,6 +207,14 @@ class ActiveLearningLoop:
         """
         self._require_state()
         return _people.edit(self.ctx, weights=weights, exclude=exclude, relabel=relabel, comment=comment)
+
+    def add_images(self, folder: str | Path | None = None) -> dict[str, Any]:
+        """New images join the pool as one table revision (between rounds, or while labels are
+        awaited): those of ``folder`` (default ``data.train_dir``) that the experiment does not hold.
+        Duplicates by content and, with ``data.skip_unreadable``, unreadable images are reported and
+        skipped; nothing already labeled changes. See ``orchestrator._pool.add_images``."""
+        self._require_state()
+        return _pool.add_images(self.ctx, folder)
 
     def _require_state(self) -> State:
         if self.state is None:

@@ -160,7 +160,7 @@ class RegionUnit:
             raise ValueError(f"loop.strategy: '{config.loop.strategy}' needs {', '.join(missing)}, which the region "
                              f"scorer does not write")
 
-    def check_pool(self, n_train: int, initial_labeled: int) -> None:
+    def check_pool(self, n_unlabeled: int) -> None:
         """Any pool pays for a click budget: a round spends what its regions cost, at most."""
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
@@ -330,7 +330,7 @@ class RegionUnit:
                                          partial=partial)
             path = partial_mask_path(ctx.workdir, state.round, sid)
             workers.write_mask(path, done.mask)
-            _grow_partial(df, df.index[int(position[sid])], state.round, path, done, classes.ignore_index)
+            _grow_partial(df, df.index[int(position[sid])], state.round, path, done, classes.ignore_index, ctx.config)
             parts.append(done.rows.assign(**{rcol.SAMPLE_ID: sid, "round": state.round}))
         if parts:
             records = pd.concat(parts, ignore_index=True)
@@ -433,7 +433,7 @@ class RegionUnit:
             path = imported_mask_path(ctx.workdir, state.round, sid, mask)
             if not path.exists():  # content-addressed: never overwritten
                 workers.write_mask(path, mask)
-            _grow_partial(df, df.index[int(position[sid])], state.round, path, done, ignore, mask=mask)
+            _grow_partial(df, df.index[int(position[sid])], state.round, path, done, ignore, cfg, mask=mask)
             parts.append(done.rows.assign(**{rcol.SAMPLE_ID: sid, "round": state.round}))
             added[sid] = ids
         report: dict[str, Any] = {"source": str(source), "found": len(answers), "added": list(added),
@@ -478,12 +478,13 @@ def within_budget(queue: list[tuple[str, int]], clicks: dict[tuple[str, int], fl
 
 
 def _grow_partial(df: pd.DataFrame, i: Any, round_index: int, path: Path, done: Any, ignore_index: int,
-                  mask: np.ndarray | None = None) -> None:
+                  config: Config, mask: np.ndarray | None = None) -> None:
     """Row ``i`` of ``df`` after labeling regions of its image (``done``, a ``workers.RegionLabeling``;
     its mask, or ``mask`` when the written labels differ from the oracle's) into the partial mask at
     ``path``: labeled and partial from this round on, mask path, labeled pixels, clicks, regions."""
     row = pd.Series(df.index == i, index=df.index)
-    mark_labeled(df, row, round_index=round_index, mask_paths={str(df.loc[i, SAMPLE_ID]): str(path)}, partial=True)
+    mark_labeled(df, row, round_index=round_index, config=config, mask_paths={str(df.loc[i, SAMPLE_ID]): str(path)},
+                 partial=True)
     df.loc[i, LABELED_PIXELS] = workers.labeled_pixel_count(done.mask if mask is None else mask, ignore_index)
     df.loc[i, CLICKS] = float(df.loc[i, CLICKS]) + done.cost.clicks
     df.loc[i, REGIONS_LABELED] = int(df.loc[i, REGIONS_LABELED]) + len(done.rows)

@@ -30,7 +30,7 @@ TRAIN_IOU = "train_iou"
 
 def scores(ctx: Context) -> pd.DataFrame | None:
     """The round's per-image scores (image runs), or None when the score phase wrote none."""
-    scores_dir = ctx.round_state.round_info["score"]["scores_dir"]
+    scores_dir = ctx.round_state.round_info.get("score", {}).get("scores_dir")  # none in round 0
     return None if scores_dir is None else workers.read_scores(scores_dir)
 
 
@@ -45,7 +45,7 @@ def with_scores(ctx: Context, df: pd.DataFrame) -> pd.DataFrame:
     df = df.drop(columns=[c for c in cols if c in df.columns]).merge(found, on=SAMPLE_ID, how="left", validate="one_to_one")
     for col in previous.columns:
         df[col] = df[col].fillna(df[SAMPLE_ID].map(previous[col]))
-    queue = ctx.round_state.round_info["score"].get("relabel_queue") or []
+    queue = ctx.round_state.round_info.get("score", {}).get("relabel_queue") or []
     if queue:
         if NEEDS_RELABEL not in df.columns:
             df[NEEDS_RELABEL] = False
@@ -57,8 +57,8 @@ def with_train_signals(ctx: Context, df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with this round's per-sample training signals (``train_loss``, ``train_iou``)
     replacing the parent revision's: NaN for samples the round's model was not trained on."""
     df = df.drop(columns=[c for c in (TRAIN_LOSS, TRAIN_IOU) if c in df.columns])
-    path = ctx.round_state.round_info["train"].get("train_signals_file")
-    if path is None:  # a round trained before the signals existed
+    path = ctx.round_state.round_info.get("train", {}).get("train_signals_file")
+    if path is None:  # round 0 (nothing trained yet), or a round trained before the signals existed
         return df
     signals = pd.read_parquet(path, columns=[SAMPLE_ID, TRAIN_LOSS, TRAIN_IOU])
     return df.merge(signals, on=SAMPLE_ID, how="left", validate="one_to_one")

@@ -4,6 +4,7 @@ figures), the parent run's summary, the round's :class:`RoundResult` and the sto
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from ._clicks import click_metrics, round_extra
 from ._context import Context
 from ._state import UNREADABLE_FILE, State
 from ._table import SAMPLE_ID
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +101,9 @@ def run(ctx: Context) -> dict[str, Any]:
     sam_params = {name: int(tuned[key]) for name, key in (
         ("sam_decoder_finetune_steps", "steps"), ("sam_decoder_holdout_images", "holdout_images"),
         ("sam_decoder_holdout_prompts", "holdout_prompts")) if key in tuned}
+    warnings = round_warnings(ctx)
+    if warnings:
+        tracker.log(child, tags={"shoal.warnings": " | ".join(warnings)})
     if "relabeled" in label:  # review.simulate_relabel: what the simulated oracle answered
         metrics |= {"relabeled": float(len(label["relabeled"])),
                     "relabel_masks_changed": float(len(label["relabel_changed"]))}
@@ -133,7 +139,27 @@ def run(ctx: Context) -> dict[str, Any]:
     }, step=state.round)
     curve_files = [p for p in (*artifacts.figures, *artifacts.tables) if p.stem == "learning_curve"]
     tracker.log_artifacts(state.parent_run_id, curve_files)
-    return {"child_run_id": child, "metrics": metrics, "learning_curve_auc": auc}
+    return {"child_run_id": child, "metrics": metrics, "learning_curve_auc": auc, "warnings": warnings}
+
+
+MIN_VAL_IMAGES = 10
+"""Fewer validation images than this make the round's mIoU a noisy figure: the round says so."""
+
+
+def round_warnings(ctx: Context) -> list[str]:
+    """What a reader of the round's numbers must know: too few validation images for a meaningful
+    mIoU (logged, in the round's result and as the MLflow tag ``shoal.warnings``)."""
+    out = []
+    val = int(ctx.round_state.round_info["train"].get("val_images", MIN_VAL_IMAGES))
+    if val < MIN_VAL_IMAGES:
+        data = ctx.config.data
+        held = ("data.synthetic.num_val" if data.kind == "synthetic" else "data.val_dir" if data.val_dir
+                else f"data.val_share {data.val_share} of the labeled images")
+        out.append(f"only {val} validation images ({held}): the round's mIoU is a noisy figure; "
+                   f"label more images, or give a validation folder")
+    for text in out:
+        log.warning("round %d: %s", ctx.round_state.round, text)
+    return out
 
 
 def round_metrics(ctx: Context, labeled_after: int, pixels: pd.DataFrame | None = None) -> dict[str, float]:
@@ -151,6 +177,7 @@ def round_metrics(ctx: Context, labeled_after: int, pixels: pd.DataFrame | None 
         "val_fw_iou": float(train.get("val_fw_iou", nan)),
         "val_image_miou": float(train.get("val_image_miou", nan)),
         "trained_on": float(train["trained_on"]),
+        "val_images": float(train.get("val_images", nan)),
         "labeled_count": float(labeled_after),
         "selected": float(len(info["select"]["selected"])),
         "added": float(len(info["label"].get("added", info["select"]["selected"]))),
@@ -208,7 +235,8 @@ def finish_round(ctx: Context) -> None:
         labeled_count=labeled_after, metrics=metrics, timings=timings, revision=info["label"]["revision"],
         strategy=cfg.loop.strategy, extra={"child_run_id": info["track"]["child_run_id"],
                                            "pool_uncertainty_mean": info["score"].get("pool_uncertainty_mean"),
-                                           **round_extra(metrics)},
+                                           **round_extra(metrics),
+                                           **({"warnings": info["track"]["warnings"]} if info["track"].get("warnings") else {})},
     )
     state.history.append(asdict(result))
     state.revision = info["label"]["revision"]
@@ -234,3 +262,11 @@ def finish_round(ctx: Context) -> None:
     state.round += 1
     state.phase = ""
     state.round_info = {}
+
+
+def finish_seed_round(ctx: Context) -> None:
+    """Close round 0 (labels asked of people before any model existed): round 1 trains on the
+    revision that holds what they returned. Nothing was trained, so nothing is tracked."""
+    state = ctx.round_state
+    state.revision = state.round_info["label"]["revision"]
+    state.round, state.phase, state.round_info = 1, "", {}

@@ -53,6 +53,12 @@ def run(ctx: Context) -> dict[str, Any]:
     df = df.assign(**{WEIGHT: df[SAMPLE_ID].map(weights).fillna(0.0).astype(float)})
     labeled = df[(df[SPLIT] == TRAIN_SPLIT) & df[LABELED] & (df[WEIGHT] > 0)]
     val = df[df[SPLIT] == VAL_SPLIT]
+    if val.empty:
+        raise ValueError(f"round {state.round}: no validation images: without data.val_dir a share of the labeled "
+                         f"images (data.val_share) is held out once two are labeled; label more, or give data.val_dir")
+    if labeled.empty:
+        raise ValueError(f"round {state.round}: no labeled image to train on (every one is held out for validation "
+                         f"or has weight 0)")
     classes = ctx.classes()
     data = {
         "class_names": tuple(classes.names), "ignore_index": classes.ignore_index,
@@ -85,6 +91,7 @@ def run(ctx: Context) -> dict[str, Any]:
     info["train_signals_file"] = str(signals_file)
     info["val_per_image_file"] = str(per_image_file)
     info["trained_on"] = len(labeled)
+    info["val_images"] = len(val)
     info["seconds"] = result.train_seconds
     info["weights"] = weights_info
     return info

@@ -38,6 +38,9 @@ def test_overrides_are_typed() -> None:
         ({"data": {"kind": "folders"}}, r"data\.kind: 'folders' is not one of"),
         ({"data": {"kind": "folder"}}, r"data\.train_dir: required"),
         ({"data": {"image_size": [96]}}, r"data\.image_size: expected a list of 2"),
+        ({"data": {"val_share": 1.0}}, r"data\.val_share: must be in \(0, 1\)"),
+        ({"data": {"val_share": 0}}, r"data\.val_share: must be in \(0, 1\)"),
+        ({"data": {"masks": "truth"}}, r"data\.masks: 'truth' is not one of 'auto', 'labels', 'ground_truth'"),
         ({"train": 3}, r"train: expected a mapping"),
     ],
 )

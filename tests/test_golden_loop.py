@@ -51,7 +51,7 @@ EXACT_KEYS = {
     "rank", "region_id", "regions", "regions_labeled", "requested", "round", "round_clicks", "round_labeled",
     "selected", "spent_before", "trained", "trained_on", "trained_on_clicks", "weight", "zero", "purity",
     "label_class", "mixed", "polygons", "vertices", "region_pixels", "num_scored", "num_regions", "found",
-    "unchanged", "epochs_run", "best_epoch", "format", "ignore_index", "height", "width",
+    "unchanged", "epochs_run", "best_epoch", "format", "ignore_index", "height", "width", "val_images",
 }
 MASKED_KEYS = {"experiment_uid", "parent_run_id", "child_run_id", "created", "seconds"}
 _UID = re.compile(r"[0-9a-f]{32}")
