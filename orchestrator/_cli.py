@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,14 +63,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [])
     workdir = Path(args.workdir or Path("runs") / cfg.experiment.name)
+    args.workdir = str(workdir)
     print(f"work dir: {workdir.resolve()}", flush=True)
-    return _drive(ActiveLearningLoop(cfg, workdir))
+    return _drive(ActiveLearningLoop(cfg, workdir, progress="auto"))
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from ._loop import ActiveLearningLoop
 
-    loop = ActiveLearningLoop.resume(args.workdir)
+    loop = ActiveLearningLoop.resume(args.workdir, progress="auto")
     if loop.done:
         print(f"nothing to resume: stopped ({loop.stop_reason})")
         return 0
@@ -78,14 +80,46 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from ._loop import ActiveLearningLoop
+    from ._progress import read_status
 
     status = ActiveLearningLoop.resume(args.workdir).status()
+    status["progress"] = read_status(Path(args.workdir))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     for key, value in status.items():
-        print(f"{key}: {value}")
+        if key != "progress":
+            print(f"{key}: {value}")
+    print(f"now: {_describe_progress(status['progress'])}")
     return 0
+
+
+def _describe_progress(progress: dict | None) -> str:
+    """One line on the phase running (or the last one run) from ``progress.json``."""
+    if not progress:
+        return "nothing has run yet"
+    where = f"round {progress['round']} {progress['phase']}"
+    if not progress.get("running") or progress.get("process_alive") is False:
+        outcome = progress.get("outcome") or "stopped"
+        if progress.get("running"):  # the process died without saying so
+            outcome = f"the process {progress['pid']} is gone"
+        return f"{where}: {outcome}, {progress['age_s']:.0f} s ago"
+    detail = progress.get("detail") or {}
+    parts = []
+    train = detail.get("train")
+    if train:
+        parts.append(f"epoch {train['epoch']}/{train['epochs']}, step {train['step']}/{train['steps']}")
+        if train.get("loss") is not None:
+            parts.append(f"loss {train['loss']:.3f}")
+        if train.get("val_miou") is not None:
+            parts.append(f"val mIoU {train['val_miou']:.3f}")
+        if train.get("eta_s") is not None:
+            parts.append(f"about {train['eta_s']:.0f} s left")
+    for kind, counts in detail.items():
+        if kind != "train":
+            parts.append(f"{kind} {counts['done']}/{counts['total']} images, {counts['images_per_s'] or 0:.1f}/s")
+    return f"{where} running (pid {progress['pid']} on {progress['host']}, updated {progress['age_s']:.0f} s ago)" + \
+        (": " + ", ".join(parts) if parts else "")
 
 
 def _read_table_file(path: str, value_column: str | None) -> dict[str, str]:
@@ -248,14 +282,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RECEIVED: list[int] = []
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    """SIGTERM (Kubernetes, ``ray job stop``) or SIGINT (Ctrl-C): stop cleanly. Raised as
+    KeyboardInterrupt, the one exception Ray's blocking calls (``ray.get``) pass on as it is."""
+    _RECEIVED.append(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _install_stop_handlers() -> None:
+    """Our handlers for SIGINT and SIGTERM, in place of Ray's (which print a C stack dump); called
+    again once Ray has started, since starting it installs its own."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _raise_stop)
+
+
+def _stopped(args: argparse.Namespace, signum: int) -> int:
+    """One line on where the experiment stands and how to go on; the Ray processes this run
+    started are stopped. Returns the exit status (128 + the signal)."""
+    import workers
+
+    workdir = getattr(args, "workdir", None)
+    where = "before the experiment started"
+    if workdir and (Path(workdir) / "state.json").exists():
+        state = json.loads((Path(workdir) / "state.json").read_text())
+        done = state.get("phase") or "none"
+        where = f"in round {state['round']} (last finished phase: {done})"
+    workers.stop_ray()
+    resume = f"; resume with: shoal resume {workdir}" if workdir and (Path(workdir) / "state.json").exists() else ""
+    print(f"shoal: stopped by {signal.Signals(signum).name} {where}{resume}", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import workers
+
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    workers.set_verbose(args.verbose)
+    _install_stop_handlers()
+    workers.after_ray_start(_install_stop_handlers)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        return _stopped(args, _RECEIVED[0] if _RECEIVED else signal.SIGINT)
     except (ValueError, FileNotFoundError) as exc:
         print(f"shoal: error: {exc}", file=sys.stderr)
         return 2

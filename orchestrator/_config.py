@@ -127,7 +127,12 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     num_workers: int = 1
-    """Ray Train workers (DDP ranks). 0 runs the training function in the driver process."""
+    """Training workers (DDP ranks). 0 runs the training function in the driver process; 1 runs it
+    as one Ray task that reuses a warm worker process across rounds; 2 or more train with DDP under a
+    Ray Train TorchTrainer."""
+    launcher: Literal["auto", "ray_train"] = "auto"
+    """``auto``: as ``num_workers`` says; ``ray_train``: a Ray Train TorchTrainer for one worker too
+    (its start-up costs 15-25 s a round on a small machine)."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 2

@@ -86,6 +86,11 @@ class Context:
     rounds_unit: AcquisitionUnit
     seed_unit: AcquisitionUnit
     state: State | None = None
+    display: Any = None
+    """How progress is shown (``orchestrator._progress.Display``); None = not at all."""
+    monitor: Any = None
+    """The running phase's ``PhaseMonitor`` (what workers report goes there), or None."""
+    dashboard_url: str | None = None
     _tracker: workers.Tracker | None = field(default=None, repr=False)
     _classes: Any = field(default=None, repr=False)
     _tables: OrderedDict[str, pd.DataFrame] = field(default_factory=OrderedDict, repr=False)
@@ -132,8 +137,26 @@ class Context:
         return self._tables[revision].copy()
 
     def ray(self) -> None:
-        """Connect to the configured Ray cluster, or start a local one (once per process)."""
-        workers.ensure_ray(self.config.ray.address, self.config.ray.num_cpus, self.config.ray.log_to_driver)
+        """Connect to the configured Ray cluster, or start a local one (once per process); the
+        dashboard's address is printed once when progress is shown."""
+        url = workers.ensure_ray(self.config.ray.address, self.config.ray.num_cpus, self.config.ray.log_to_driver)
+        if url and url != self.dashboard_url:
+            self.dashboard_url = url
+            if self.display is not None and self.display.mode != "off":
+                print(f"Ray dashboard: {url}", flush=True)
+
+    def progress_dir(self, phase: str) -> str:
+        """Where the workers of ``phase`` in the round in progress write their progress."""
+        return str(self.round_dir() / "progress" / phase)
+
+    def expect(self, kind: str, total: int) -> None:
+        """Tell whoever shows progress that ``total`` images of ``kind`` are to be done."""
+        if self.monitor is not None:
+            self.monitor.expect(kind, total)
+
+    def job_name(self, what: str) -> str:
+        """``<experiment>-round-NNN-<what>``: how the round's work is named in Ray's dashboard."""
+        return f"{self.config.experiment.name}-round-{self.round_state.round:03d}-{what}"
 
     @property
     def tracking_uri(self) -> str:

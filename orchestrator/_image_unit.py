@@ -34,7 +34,6 @@ from ._round import (
     open_request,
     preannotations,
     round_table,
-    scores,
     unrecorded_revision,
     written_this_round,
 )
@@ -145,6 +144,7 @@ class ImageUnit:
         pool_file = round_dir / "pool.parquet"
         atomic_write(pool_file, lambda p: batch.to_parquet(p, index=False))
         classes = ctx.classes()
+        ctx.expect("score", len(batch))
         result = score(
             str(pool_file),
             state.round_info["train"]["checkpoint_path"],
@@ -158,6 +158,8 @@ class ImageUnit:
             ignore_index=classes.ignore_index,
             # the classweighted aggregation weighs pixels by the rarity of their class in the labeled set
             labeled_class_shares=tuple(state.round_info["train"].get("class_pixel_frequency") or ()) or None,
+            progress_dir=ctx.progress_dir("score"),
+            name=ctx.job_name("score"),
         )
         _faults.checkpoint("score:inside")  # scores written, review reports not yet
         if result.num_scored != len(batch):
@@ -175,16 +177,20 @@ class ImageUnit:
     # -- select -----------------------------------------------------------------------------------
 
     def candidates(self, ctx: Context) -> pd.DataFrame:
-        """The train rows with this round's scores: the unlabeled pool to select from and, flagged
-        ``labeled``, the labeled rows (context for diversity and class balance); excluded samples
-        are neither."""
+        """The train rows with the score columns this round's strategy declares (read from disk
+        alone: the driver's memory grows with the pool only by those): the unlabeled pool to select
+        from and, flagged ``labeled``, the labeled rows (context for diversity and class balance);
+        excluded samples are neither."""
         df = ctx.read(ctx.round_state.revision)
         keep = (df[SPLIT] == TRAIN_SPLIT) & ~flag(df, "excluded")
         table = df.loc[keep, [SAMPLE_ID, LABELED]].reset_index(drop=True)
         table[LABELED] = table[LABELED].astype(bool)
-        found = scores(ctx)
-        if found is None:
+        scores_dir = ctx.round_state.round_info.get("score", {}).get("scores_dir")
+        if scores_dir is None:
             return table
+        needs = self.strategy.requirements()
+        found = workers.read_scores(scores_dir, columns=needs.columns,
+                                    prefixes=needs.column_prefixes | needs.optional_column_prefixes)
         return table.merge(found, on=SAMPLE_ID, how="left", validate="one_to_one")
 
     def embeddings(self, ctx: Context, table: pd.DataFrame) -> np.ndarray | None:
@@ -201,8 +207,11 @@ class ImageUnit:
         budget = min(self.config.loop.budget, int((~table[LABELED]).sum()))
         picked = self.strategy.select_with_reasons(table, budget, rng, self.embeddings(ctx, table))
         selected = [str(s) for s in picked[SAMPLE_ID]]
-        candidates = table[~table[LABELED]].drop(columns=[LABELED])
-        chosen = candidates.set_index(SAMPLE_ID).loc[selected].reset_index()
+        chosen = pd.DataFrame({SAMPLE_ID: selected})
+        scores_dir = ctx.round_state.round_info.get("score", {}).get("scores_dir")
+        if scores_dir is not None:  # every score of the picks (a budget's worth of rows) for the report
+            found = workers.read_scores(scores_dir, sample_ids=selected)
+            chosen = chosen.merge(found, on=SAMPLE_ID, how="left", validate="one_to_one")
         chosen.insert(0, "rank", np.arange(1, len(chosen) + 1))
         chosen["priority"] = picked["priority"].to_numpy()
         chosen["reason"] = picked["reason"].to_numpy()

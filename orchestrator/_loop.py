@@ -21,6 +21,7 @@ import yaml
 from . import _faults, _label, _people, _pool, _score, _select, _start, _track, _train
 from ._config import Config, config_from_dict
 from ._context import Context
+from ._progress import Display, PhaseMonitor
 from ._round import awaiting_labels
 from ._state import CONFIG_FILE, STATE_FILE, State
 from ._table import TableStore
@@ -43,7 +44,10 @@ class ActiveLearningLoop:
     holds an experiment is continued, provided its config is the same.
     """
 
-    def __init__(self, config: Config, workdir: str | Path) -> None:
+    def __init__(self, config: Config, workdir: str | Path, progress: str = "off") -> None:
+        """``progress``: ``off`` (the default for the API), ``bar`` (live bars on stderr), ``lines``
+        (a line per epoch and per scoring pass on stdout) or ``auto`` (bars on a terminal, else
+        lines). ``<workdir>/progress.json`` is kept either way, for ``shoal status``."""
         self.config = config
         self.workdir = Path(workdir).resolve()
         self.store = TableStore(self.workdir / "table")
@@ -61,16 +65,16 @@ class ActiveLearningLoop:
                 )
             state = State.load(self.workdir)
         self.ctx = Context(config, self.workdir, self.store, rounds_unit=build_unit(config),
-                           seed_unit=build_seed_unit(config), state=state)
+                           seed_unit=build_seed_unit(config), state=state, display=Display(progress))
 
     @classmethod
-    def resume(cls, workdir: str | Path) -> ActiveLearningLoop:
+    def resume(cls, workdir: str | Path, progress: str = "off") -> ActiveLearningLoop:
         """The experiment in ``workdir``, with the config it was started with."""
         workdir = Path(workdir)
         snapshot = workdir / CONFIG_FILE
         if not (workdir / STATE_FILE).exists() or not snapshot.exists():
             raise FileNotFoundError(f"no Shoal experiment to resume in {workdir}")
-        return cls(config_from_dict(yaml.safe_load(snapshot.read_text())), workdir)
+        return cls(config_from_dict(yaml.safe_load(snapshot.read_text())), workdir, progress)
 
     # ------------------------------------------------------------------ public API
 
@@ -131,7 +135,14 @@ class ActiveLearningLoop:
             assert phase is not None
             t0 = time.perf_counter()
             _faults.checkpoint(f"{phase}:before")
-            info = PHASES[phase](self.ctx)
+            monitor = PhaseMonitor(self.workdir, state.round, phase, Path(self.ctx.progress_dir(phase)),
+                                   self.ctx.display)
+            self.ctx.monitor = monitor
+            try:
+                with monitor:
+                    info = PHASES[phase](self.ctx)
+            finally:
+                self.ctx.monitor = None
             if info is None:  # waiting for people: this process has nothing more to do
                 state.save(self.workdir)
                 return None

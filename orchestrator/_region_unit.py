@@ -207,12 +207,13 @@ class RegionUnit:
         shares = state.round_info["train"].get("class_pixel_frequency") or []
         weights = workers.class_pixel_weights(shares) if len(shares) == len(classes.names) and sum(shares) > 0 else None
         sam, sam_id = _sam(cfg, ctx.workdir)
+        ctx.expect("score", len(batch))
         result = workers.score_regions(
             str(pool_file), state.round_info["train"]["checkpoint_path"], region_spec(cfg), cache_uri(cfg, ctx.workdir),
             str(round_dir / REGION_SCORES_DIR), class_names=tuple(classes.names), ignore_index=classes.ignore_index,
             class_weights=weights, cost=cost_model(cfg), sam=sam, sam_checkpoint_id=sam_id,
             num_actors=cfg.score.num_actors, batch_size=cfg.score.batch_size, cpus_per_actor=cfg.score.cpus_per_actor,
-            gpus_per_actor=cfg.score.gpus_per_actor,
+            gpus_per_actor=cfg.score.gpus_per_actor, progress_dir=ctx.progress_dir("score"), name=ctx.job_name("score"),
         )
         info = {**empty, "region_scores_dir": result.scores_dir, "num_scored": result.num_images,
                 "num_regions": result.num_regions, "class_weights": None if weights is None else weights.tolist(),

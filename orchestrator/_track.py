@@ -157,8 +157,8 @@ def round_warnings(ctx: Context) -> list[str]:
                 else f"data.val_share {data.val_share} of the labeled images")
         out.append(f"only {val} validation images ({held}): the round's mIoU is a noisy figure; "
                    f"label more images, or give a validation folder")
-    for text in out:
-        log.warning("round %d: %s", ctx.round_state.round, text)
+    for text in out:  # the CLI prints them under the round's line; the API has them in RoundResult.extra
+        log.info("round %d: %s", ctx.round_state.round, text)
     return out
 
 
@@ -182,6 +182,7 @@ def round_metrics(ctx: Context, labeled_after: int, pixels: pd.DataFrame | None 
         "selected": float(len(info["select"]["selected"])),
         "added": float(len(info["label"].get("added", info["select"]["selected"]))),
         "train_seconds": info["train"]["seconds"],
+        "train_loop_seconds": float(train.get("loop_seconds", nan)),
         "score_seconds": info["score"]["seconds"],
         "select_seconds": info["select"]["seconds"],
         "label_seconds": info["label"]["seconds"],

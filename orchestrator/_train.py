@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -67,15 +68,18 @@ def run(ctx: Context) -> dict[str, Any]:
         "val_images": val[IMAGE_PATH].tolist(), "val_masks": val[MASK_PATH].tolist(),
         "val_ids": val[SAMPLE_ID].tolist(),
     }
-    spec = train_spec(cfg, data, str(round_dir), seed=cfg.experiment.seed * 1000 + state.round,
-                      init_checkpoint=init_checkpoint(ctx))
+    spec = dataclasses.replace(
+        train_spec(cfg, data, str(round_dir), seed=cfg.experiment.seed * 1000 + state.round,
+                   init_checkpoint=init_checkpoint(ctx)),
+        progress_dir=ctx.progress_dir("train"))
     result = workers.train(
         spec,
         num_workers=cfg.train.num_workers,
         cpus_per_worker=cfg.train.cpus_per_worker,
         max_failures=cfg.train.max_failures,
         storage_path=str(ctx.workdir / "ray_train"),
-        run_name=f"round-{state.round:03d}-{uuid.uuid4().hex[:6]}",
+        run_name=f"{ctx.job_name('train')}-{uuid.uuid4().hex[:6]}",  # a fresh name: Ray Train resumes a reused one
+        launcher=cfg.train.launcher,
     )
     _faults.checkpoint("train:inside")  # trained (model.pt written), per-sample tables not yet
     # The per-sample tables go to files in the round dir; the state file keeps their paths.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,17 +50,21 @@ def state_of(workdir: Path) -> dict | None:
         return None
 
 
+STDERR: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     workdir = tmp_path_factory.mktemp("ref") / "work"
     out = subprocess.run(start_run(workdir), capture_output=True, text=True, timeout=400, env=_env(), cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
+    STDERR["reference"] = out.stderr
     return workdir, out.stdout
 
 
 def test_cli_prints_a_line_per_round_and_the_mlflow_store(reference: tuple[Path, str]) -> None:
     workdir, stdout = reference
-    lines = [line for line in stdout.splitlines() if line.startswith("round ")]
+    lines = [line for line in stdout.splitlines() if line.startswith("round ") and ": labeled" in line]
     assert [line.split(":")[0] for line in lines] == ["round 1", "round 2"]
     assert "labeled 8 -> 14" in lines[0] and "labeled 14 -> 20" in lines[1]
     assert "val mIoU" in lines[0] and lines[0].endswith(" s")
@@ -69,6 +74,23 @@ def test_cli_prints_a_line_per_round_and_the_mlflow_store(reference: tuple[Path,
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
     assert info["labeled"] == 20 and info["rounds_done"] == 2 and info["stopped"].startswith("rounds")
+    assert info["progress"]["round"] == 2 and info["progress"]["phase"] == "track"
+    assert not info["progress"]["running"] and info["progress"]["outcome"] == "done"
+
+
+def test_a_job_log_shows_progress_and_nothing_alarming(reference: tuple[Path, str]) -> None:
+    """Without a terminal: a line per epoch and per scoring pass, the dashboard's address, and no
+    error-level line, no "will hang", no token notice, no stack dump on a normal run."""
+    _, stdout = reference
+    stderr = STDERR["reference"]
+    for k in (1, 2):
+        assert f"round {k} train: epoch 1/2, loss " in stdout and f"round {k} train: epoch 2/2, loss " in stdout
+        assert re.search(rf"round {k} score: \d+ images in [\d.]+ s", stdout)
+    assert "Ray dashboard: http://127.0.0.1:" in stdout
+    alarming = ["will hang", "Token authentication", "Progress bars disabled", "Traceback", "core_worker",
+                " ERROR ", "constructor arguments"]
+    found = [text for text in alarming if text in stdout + stderr]
+    assert not found, f"alarming lines in a normal run: {found}\n{stderr[-3000:]}"
 
 
 def kill_when(workdir: Path, ready, timeout: float = 300) -> None:
@@ -138,3 +160,58 @@ def test_incompatible_state_version_is_refused(reference, tmp_path: Path) -> Non
     (copy / "state.json").write_text(json.dumps(state))
     out = shoal("status", str(copy), cwd=ROOT)
     assert out.returncode == 2 and "schema version 99" in out.stderr
+
+
+@pytest.mark.slow
+def test_status_follows_a_run_and_sigterm_stops_it_cleanly(tmp_path: Path) -> None:
+    """From another shell, ``shoal status`` shows the training epoch and step while a run trains.
+    SIGTERM (what Kubernetes and ``ray job stop`` send) ends it with one line saying where it stands
+    and how to resume, no stack dump, and the Ray processes it started gone; the resumed run ends as
+    an uninterrupted one does."""
+    import psutil
+
+    slow = ["--set", "train.epochs=30", "--set", "train.num_workers=1", "--set", "train.cpus_per_worker=1"]
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen([*start_run(workdir), *slow], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            status = shoal("status", str(workdir), "--json", cwd=ROOT) if (workdir / "state.json").exists() else None
+            progress = json.loads(status.stdout)["progress"] if status and status.returncode == 0 else None
+            train = (progress or {}).get("detail", {}).get("train") or {}
+            if progress and progress["phase"] == "train" and progress["running"] and (train.get("epochs_done") or 0) >= 2:
+                seen = progress
+                break
+            time.sleep(0.2)
+        assert seen is not None, "status never showed a training epoch while the run trained"
+        train = seen["detail"]["train"]
+        assert seen["round"] == 1 and seen["process_alive"] is True and seen["pid"] == proc.pid
+        assert train["epochs"] == 30 and 2 <= train["epochs_done"] <= 30 and 0 < train["step"] <= train["steps"]
+        assert train["loss"] is not None and 0.0 <= train["val_miou"] <= 1.0
+        text = shoal("status", str(workdir), cwd=ROOT).stdout
+        assert re.search(r"now: round 1 train running \(pid \d+ on .*\): epoch \d+/30, step \d+/\d+", text), text
+        ray_processes = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert ray_processes, "a local Ray cluster has processes"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert re.search(r"shoal: stopped by SIGTERM in round 1 \(last finished phase: none\); resume with: shoal resume ",
+                     err), err[-3000:]
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    gone, alive = psutil.wait_procs(ray_processes, timeout=60)
+    assert not alive, f"Ray processes left running: {[p.pid for p in alive]}"
+    after = json.loads(shoal("status", str(workdir), "--json", cwd=ROOT).stdout)["progress"]
+    assert after["outcome"] == "interrupted" and not after["running"]
+
+    resumed = shoal("resume", str(workdir), cwd=ROOT, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = tmp_path / "reference"
+    whole = subprocess.run([*start_run(reference), *slow], capture_output=True, text=True, timeout=400, env=_env(),
+                           cwd=ROOT)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert final_labels(workdir) == final_labels(reference)

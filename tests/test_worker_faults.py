@@ -186,7 +186,7 @@ def _scores(scores_dir: str) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("function", ["score_pool", "score_pool_pass"])
-def test_a_killed_scoring_actor_is_restarted_and_every_sample_scored_once(
+def test_a_killed_scoring_worker_is_replaced_and_every_sample_scored_once(
     ray_cluster: None, pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function: str
 ) -> None:
     import ray.data
@@ -205,12 +205,15 @@ def test_a_killed_scoring_actor_is_restarted_and_every_sample_scored_once(
     faults = tmp_path / "faults"
     faults.mkdir()
     trigger = pool["ids"][13]  # in the 4th of 6 batches: the actor has scored 3 when it is killed
-    # Swap the scorer class where it meets Ray Data: patching `PoolScorer` in its module instead
-    # would make cloudpickle pickle the real class by value (its name no longer resolves to it).
+    # Swap the scorer class where it meets Ray Data (the warm tasks' factory): patching `PoolScorer`
+    # in its module instead would make cloudpickle pickle the real class by value (its name no
+    # longer resolves to it).
     map_batches = ray.data.Dataset.map_batches
 
-    def pausing_map_batches(self: Any, fn: type, **kwargs: Any) -> Any:
-        return map_batches(self, _pausing(fn, str(faults), trigger), **kwargs)
+    def pausing_map_batches(self: Any, fn: Any, **kwargs: Any) -> Any:
+        fn_kwargs = dict(kwargs.pop("fn_kwargs"))
+        fn_kwargs["factory"] = _pausing(fn_kwargs["factory"], str(faults), trigger)
+        return map_batches(self, fn, fn_kwargs=fn_kwargs, **kwargs)
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", pausing_map_batches)
     killer = kill_when_paused(faults / "paused.pid")
@@ -223,7 +226,7 @@ def test_a_killed_scoring_actor_is_restarted_and_every_sample_scored_once(
           f"{sum(int(c[0]) == killed_pid for c in calls)}, {sum(int(c[0]) != killed_pid for c in calls)}")
 
     retried = [int(pid) for pid, *ids in calls if trigger in ids]
-    assert retried[0] == killed_pid and len(retried) == 2 and retried[1] != killed_pid  # a new actor re-ran it
+    assert retried[0] == killed_pid and len(retried) == 2 and retried[1] != killed_pid  # a new worker re-ran it
 
     scores = _scores(result.scores_dir)
     assert result.num_scored == reference.num_scored == len(pool["ids"])

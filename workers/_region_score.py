@@ -23,6 +23,7 @@ from strategies import CostModel, region_clicks
 from strategies import region_columns as rcol
 
 from ._regions import RegionProposer, RegionSpec
+from ._warm import map_warm
 
 if TYPE_CHECKING:
     import torch
@@ -200,6 +201,8 @@ def score_regions(
     batch_size: int = 16,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
+    progress_dir: str | None = None,
+    name: str | None = None,
 ) -> RegionScoreResult:
     """Score every region of every image of ``pool_parquet`` (``sample_id``, ``image_path`` and
     optionally ``mask_path``: the partial mask, "" for none) with the model in ``checkpoint_path``:
@@ -217,20 +220,14 @@ def score_regions(
     t0 = time.perf_counter()
     columns = [c for c in pq.read_schema(pool_parquet).names if c in ("sample_id", "image_path", "mask_path")]
     ds = ray.data.read_parquet(pool_parquet, columns=columns)
-    scored = ds.map_batches(
-        RegionScorer,
-        fn_constructor_kwargs={
-            "checkpoint_path": checkpoint_path, "spec": spec, "cache_uri": cache_uri,
-            "class_names": tuple(class_names), "ignore_index": ignore_index,
-            "class_weights": None if class_weights is None else np.asarray(class_weights, dtype=np.float64),
-            "cost": cost, "sam": sam, "sam_checkpoint_id": sam_checkpoint_id, "use_gpu": gpus_per_actor > 0,
-        },
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor,
-    )
+    kwargs = {
+        "checkpoint_path": checkpoint_path, "spec": spec, "cache_uri": cache_uri,
+        "class_names": tuple(class_names), "ignore_index": ignore_index,
+        "class_weights": None if class_weights is None else np.asarray(class_weights, dtype=np.float64),
+        "cost": cost, "sam": sam, "sam_checkpoint_id": sam_checkpoint_id, "use_gpu": gpus_per_actor > 0,
+    }
+    scored = map_warm(ds, RegionScorer, kwargs, batch_size=batch_size, workers=num_actors, cpus=cpus_per_actor,
+                      gpus=gpus_per_actor, progress_dir=progress_dir, name=name)
     scored.write_parquet(str(out))
     images, regions = _ensure_regions_once(out, pool_parquet)
     return RegionScoreResult(scores_dir=str(out), num_images=images, num_regions=regions,

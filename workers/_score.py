@@ -1,8 +1,9 @@
 """Scoring worker: per-image uncertainty of the current model over the unlabeled pool.
 
-Runs as a Ray Data ``map_batches`` over an actor pool. Each actor loads the model once; a batch
-holds only sample ids and image paths, images are decoded inside the actor, and only per-image
-numbers leave it. The results are written as Parquet by the cluster, not collected by the driver.
+Runs as a Ray Data ``map_batches`` in warm tasks (``workers._warm``): each worker process loads the
+model once per round; a batch holds only sample ids and image paths, images are decoded inside the
+worker, and only per-image numbers leave it. The results are written as Parquet by the cluster, not
+collected by the driver.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ._review import (
     quality_columns,
 )
 from ._train import to_tensor
+from ._warm import map_warm
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +186,13 @@ def score_pool(
     class_names: tuple[str, ...] | None = None,
     ignore_index: int = 255,
     labeled_class_shares: tuple[float, ...] | None = None,
+    progress_dir: str | None = None,
+    name: str | None = None,
 ) -> ScoreResult:
     """Score every row of ``pool_parquet`` (columns ``sample_id``, ``image_path``) with the model in
-    ``checkpoint_path``; write the per-image columns as Parquet files under ``out_dir`` (replaced)."""
+    ``checkpoint_path``; write the per-image columns as Parquet files under ``out_dir`` (replaced).
+    At most ``num_actors`` warm tasks at a time (``workers._warm``); their progress goes to
+    ``progress_dir``; ``name`` names the dataset in Ray's dashboard."""
     import pyarrow.parquet as pq
     import ray
 
@@ -196,25 +202,17 @@ def score_pool(
     t0 = time.perf_counter()
     columns = [c for c in pq.read_schema(pool_parquet).names if c in ("sample_id", "image_path", "mask_path", "need_quality")]
     ds = ray.data.read_parquet(pool_parquet, columns=columns)
-    scored = ds.map_batches(
-        PoolScorer,
-        fn_constructor_kwargs={
-            "checkpoint_path": checkpoint_path,
-            "image_size": tuple(image_size),
-            "use_gpu": gpus_per_actor > 0,
-            "class_names": tuple(class_names) if class_names else None,
-            "ignore_index": ignore_index,
-            "labeled_class_shares": tuple(labeled_class_shares) if labeled_class_shares is not None else None,
-        },
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor,
-        # An actor that dies is restarted and its unfinished batches rerun: Ray Data's defaults for
-        # actor pools (max_restarts=-1, max_task_retries=-1). Setting them here would take the
-        # `**ray_remote_args` of map_batches, deprecated in Ray 2.60 (removed in 2.64).
-    )
+    kwargs = {
+        "checkpoint_path": checkpoint_path,
+        "image_size": tuple(image_size),
+        "use_gpu": gpus_per_actor > 0,
+        "class_names": tuple(class_names) if class_names else None,
+        "ignore_index": ignore_index,
+        "labeled_class_shares": tuple(labeled_class_shares) if labeled_class_shares is not None else None,
+    }
+    # A task whose worker dies is retried in another process; ensure_scored_once drops what it wrote twice.
+    scored = map_warm(ds, PoolScorer, kwargs, batch_size=batch_size, workers=num_actors, cpus=cpus_per_actor,
+                      gpus=gpus_per_actor, progress_dir=progress_dir, name=name)
     scored.write_parquet(str(out))
     num = ensure_scored_once(str(out), pool_parquet)
     return ScoreResult(scores_dir=str(out), num_scored=num, seconds=time.perf_counter() - t0)
@@ -259,8 +257,22 @@ def ensure_scored_once(scores_dir: str, pool_parquet: str) -> int:
     return table.num_rows
 
 
-def read_scores(scores_dir: str) -> Any:
-    """The per-image score table written by :func:`score_pool`, as a pandas DataFrame."""
-    import pyarrow.parquet as pq
+def read_scores(scores_dir: str, columns: Any = None, prefixes: Any = (), sample_ids: Any = None) -> Any:
+    """The per-image score table written by :func:`score_pool`, as a pandas DataFrame: every column,
+    or only ``sample_id``, ``columns`` and those starting with one of ``prefixes`` (the rest is never
+    read from disk: a strategy that declares two columns of forty costs two); every row, or only
+    those of ``sample_ids``."""
+    import pyarrow.dataset as pads
 
-    return pq.read_table(scores_dir).to_pandas()
+    if columns is None and not prefixes and sample_ids is None:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(scores_dir).to_pandas()
+    dataset = pads.dataset(scores_dir, format="parquet")
+    names = dataset.schema.names
+    keep = None
+    if columns is not None or prefixes:
+        wanted = {"sample_id", *(columns or ())}
+        keep = [n for n in names if n in wanted or (prefixes and n.startswith(tuple(prefixes)))]
+    rows = None if sample_ids is None else pads.field("sample_id").isin(list(sample_ids))
+    return dataset.to_table(columns=keep, filter=rows).to_pandas()

@@ -36,6 +36,7 @@ from ._models import load_checkpoint
 from ._sam import SamEngine, SamSpec
 from ._score import PoolScorer, ScoreResult, ensure_scored_once
 from ._train import to_tensor
+from ._warm import map_warm
 
 __all__ = ["POOL_FLAG", "PassResult", "PassScorer", "PassSpec", "SamPreannotator", "read_embeddings", "sam_preannotate",
            "score_pool_pass"]
@@ -187,14 +188,11 @@ class PassResult(ScoreResult):
 
 
 def _ray_map(ds: Any, fn: type, kwargs: dict[str, Any], *, num_actors: int, batch_size: int,
-             cpus_per_actor: float, gpus_per_actor: float) -> Any:
-    import ray
-
-    return ds.map_batches(
-        fn, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-        # a dead actor is restarted and its batches rerun by Ray Data's defaults (see score_pool)
-    )
+             cpus_per_actor: float, gpus_per_actor: float, progress_dir: str | None = None,
+             name: str | None = None) -> Any:
+    # warm tasks: a task whose worker dies is retried in another process (see score_pool)
+    return map_warm(ds, fn, kwargs, batch_size=batch_size, workers=num_actors, cpus=cpus_per_actor,
+                    gpus=gpus_per_actor, progress_dir=progress_dir, name=name)
 
 
 def score_pool_pass(
@@ -208,6 +206,8 @@ def score_pool_pass(
     batch_size: int = 16,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
+    progress_dir: str | None = None,
+    name: str | None = None,
     **scorer_kwargs: Any,
 ) -> PassResult:
     """:func:`~workers._score.score_pool` plus what ``spec`` asks for, in the same pass: every row of
@@ -226,7 +226,8 @@ def score_pool_pass(
     kwargs = {"spec": spec, "checkpoint_path": checkpoint_path, "image_size": tuple(image_size),
               "use_gpu": gpus_per_actor > 0, **scorer_kwargs}
     scored = _ray_map(ds, PassScorer, kwargs, num_actors=num_actors, batch_size=batch_size,
-                      cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+                      cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, progress_dir=progress_dir,
+                      name=name)
     scored.write_parquet(out_dir)
     num = ensure_scored_once(out_dir, pool_parquet)  # a batch retried after its actor died is not counted twice
     files = sorted(Path(out_dir).glob("*.parquet"))

@@ -24,6 +24,7 @@ the uninterrupted run would have given.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -65,6 +66,7 @@ from ._metrics import (
     per_image_scores,
 )
 from ._models import _read_checkpoint, build_model, load_model_state, save_model_state
+from ._progress import write_progress
 
 __all__ = [
     "Evaluation",
@@ -111,6 +113,36 @@ def load_pair(
     return load_image(image_path, size=size), mask
 
 
+DECODE_CACHE_MB = int(os.environ.get("SHOAL_DECODE_CACHE_MB", "512"))
+"""Decoded training and validation pairs a worker process keeps across rounds (MiB): a later
+round decodes only the images labeled since (``SHOAL_DECODE_CACHE_MB``; 0 = off)."""
+_DECODED: collections.OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+_DECODED_BYTES = [0]
+
+
+def _decoded_pair(image_path: str, mask_path: str, classes: ClassInfo,
+                  size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded (uint8 [3, H, W], int64 [H, W]) pair, from this process's cache when the files
+    have not changed since (same size and modification time)."""
+    try:
+        key: tuple[Any, ...] | None = (image_path, mask_path, tuple(size), classes.num_classes, classes.ignore_index,
+                                       os.stat(image_path).st_mtime_ns, os.stat(mask_path).st_mtime_ns)
+    except OSError:
+        key = None  # load_pair names the missing file
+    if key is not None and key in _DECODED:
+        _DECODED.move_to_end(key)
+        return _DECODED[key]
+    image, mask = load_pair(image_path, mask_path, classes, size)
+    pair = (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(mask))
+    if key is not None and DECODE_CACHE_MB > 0:
+        _DECODED[key] = pair
+        _DECODED_BYTES[0] += pair[0].nbytes + pair[1].nbytes
+        while _DECODED_BYTES[0] > DECODE_CACHE_MB * 2**20 and _DECODED:
+            _, (a, b) = _DECODED.popitem(last=False)
+            _DECODED_BYTES[0] -= a.nbytes + b.nbytes
+    return pair
+
+
 class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
     """Decodes (image, mask) pairs from paths inside the worker; caches decoded pairs in memory.
 
@@ -143,10 +175,11 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         """The decoded sample: uint8 ``[3, H, W]`` RGB and int64 ``[H, W]`` class ids."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        image, mask = load_pair(self.image_paths[index], self.mask_paths[index], self.classes, self.size)
-        pair = (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(mask))
-        if self._cache is not None:
-            self._cache[index] = pair
+        if self._cache is None:
+            image, mask = load_pair(self.image_paths[index], self.mask_paths[index], self.classes, self.size)
+            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(mask)
+        pair = _decoded_pair(self.image_paths[index], self.mask_paths[index], self.classes, self.size)
+        self._cache[index] = pair
         return pair
 
     def without_augment(self) -> SegmentationDataset:
@@ -258,6 +291,9 @@ class TrainSpec:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     val_batch_size: int | None = None
     """Batch size of evaluation passes; None = ``batch_size``. Results do not depend on it."""
+    progress_dir: str | None = None
+    """Where rank 0 writes ``train.json`` (epoch, step, loss, last val mIoU) for the driver and
+    ``shoal status`` (``workers._progress``); None = nowhere."""
     fault_injection: tuple[str, int] | None = None
     """Tests only: ``(directory, epoch)``. Under Ray Train, rank 0 appends ``<epoch> <pid> <time>`` to
     ``directory/epochs.log`` after reporting each epoch; after reporting ``epoch`` and once Ray
@@ -311,6 +347,9 @@ class TrainResult:
     epochs_run: int = 0
     stopped_early: bool = False
     resumed_at_epoch: int | None = None
+    loop_seconds: float = float("nan")
+    """Time inside the training loop itself (data, model, epochs, the final evaluation): the
+    run's work; ``train_seconds`` minus this is what launching it cost."""
     """The epoch at which a restarted worker group (after a worker died) went on from the previous
     epoch's checkpoint, the last such restart; None = the run was not restarted."""
 
@@ -559,6 +598,7 @@ def train_loop(
     ``val_dice`` (dataset order), ``class_pixel_frequency``, ``class_weights`` and the per-sample
     ``train_loss`` / ``train_iou`` (``train_images`` order) under the best model.
     """
+    loop_start = time.perf_counter()
     rank, world = _world()
     device = _device(spec.use_gpu)
     classes = ClassInfo(names=spec.class_names, ignore_index=spec.ignore_index)
@@ -632,6 +672,19 @@ def train_loop(
                         len(saved["rng"]), world)
         if rank == 0:
             log.info("resuming training at epoch %d of %d (step %d, best epoch %d)", start_epoch, spec.epochs, step, best_epoch)
+    started = time.time()
+    progress_dir = spec.progress_dir if rank == 0 else None
+
+    def show(epoch: int, loss: float | None, force: bool = False) -> None:
+        # epoch: the one running (1-based); epochs_done and val_miou: the last finished one
+        write_progress(progress_dir, "train", {
+            "epoch": epoch + 1, "epochs": spec.epochs, "step": step, "steps": total_steps, "loss": loss,
+            "epochs_done": len(history), "val_miou": history[-1]["val_miou"] if history else None,
+            "epoch_loss": history[-1]["train_loss"] if history else None,
+            "history": [[h["train_loss"], h["val_miou"]] for h in history],
+            "started": started, "first_step": start_epoch * len(train_loader)}, force=force)
+
+    show(start_epoch, None, force=True)
     for epoch in range(start_epoch, spec.epochs if not done else start_epoch):
         ddp_model.train()
         sampler.set_epoch(epoch)
@@ -653,6 +706,7 @@ def train_loop(
             step += 1
             loss_sum += float(loss.detach())
             batches += 1
+            show(epoch, loss_sum / batches)
         _sync_buffers(model)
         ev = evaluate_dataset(
             model, val_ds, num_classes, spec.ignore_index, device,
@@ -673,6 +727,7 @@ def train_loop(
         }
         metrics.update({f"val_iou_{i}": float(v) for i, v in enumerate(m.iou)})
         history.append(metrics)
+        show(epoch, metrics["train_loss"], force=True)
         # Every rank computes the same mIoU from the summed matrix, so all agree on these.
         improved = m.miou > best_miou
         if improved:
@@ -727,6 +782,7 @@ def train_loop(
         "history": history,
         "best_epoch": best_epoch,
         "epochs_run": len(history),
+        "loop_seconds": time.perf_counter() - loop_start,
         "stopped_early": stopped_early,
         "resumed_at_epoch": resumed_at,
         "val_confusion": best_eval.confusion.tolist(),
@@ -771,20 +827,22 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
         return train_loop(spec, report, resume_from=resume_dir)
 
 
-def _fault_injection(fault: tuple[str, int], epoch: int) -> None:
+def _fault_injection(fault: tuple[str, int], epoch: int, ray_train: bool = True) -> None:
     """Tests only (``TrainSpec.fault_injection``): log the epoch, and pause to be killed after
-    reporting the chosen epoch, once, when Ray Train has committed that epoch's checkpoint."""
-    import ray.train
-
+    reporting the chosen epoch, once, when that epoch's checkpoint is committed (by Ray Train, or,
+    for the single-worker task, already on disk)."""
     directory, pause_epoch = Path(fault[0]), int(fault[1])
     with open(directory / "epochs.log", "a") as f:
         f.write(f"{epoch} {os.getpid()} {time.time():.3f}\n")
     paused = directory / "paused.pid"
     if epoch != pause_epoch or paused.exists():
         return
-    # `report` returns once the checkpoint is uploaded, but the controller registers it when it next
-    # polls the worker: killed before that, a run restarts from the checkpoint before.
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    if ray_train:
+        import ray.train
+
+        # `report` returns once the checkpoint is uploaded, but the controller registers it when it
+        # next polls the worker: killed before that, a run restarts from the checkpoint before.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     tmp = directory / f".paused.{os.getpid()}.tmp"
     tmp.write_text(str(os.getpid()))
     os.replace(tmp, paused)
@@ -869,7 +927,48 @@ def result_from_loop(spec: TrainSpec, ret: dict[str, Any], checkpoint_path: str,
         epochs_run=int(ret.get("epochs_run", len(history))),
         stopped_early=bool(ret.get("stopped_early", False)),
         resumed_at_epoch=ret.get("resumed_at_epoch"),
+        loop_seconds=float(ret.get("loop_seconds", float("nan"))),
     )
+
+
+def _single_worker(spec: TrainSpec, resume_root: str, threads: int) -> dict[str, Any]:
+    """The training loop as one Ray task: every epoch's checkpoint goes to ``resume_root``
+    (``epoch-NNNN/``, complete once its ``done`` marker exists); a retried task (its worker died)
+    goes on from the newest complete one."""
+    torch.set_num_threads(threads)
+    root = Path(resume_root)
+    done = sorted(root.glob("epoch-*/done")) if root.is_dir() else []
+    resume = str(done[-1].parent) if done else None
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is not None:
+            target = root / f"epoch-{int(metrics['epoch']):04d}"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, target)
+            (target / "done").touch()
+            for older in sorted(root.glob("epoch-*"))[:-1]:
+                shutil.rmtree(older, ignore_errors=True)
+        if spec.fault_injection is not None:
+            _fault_injection(spec.fault_injection, int(metrics["epoch"]), ray_train=False)
+
+    return train_loop(spec, report, resume_from=resume)
+
+
+def _train_task(spec: TrainSpec, cpus: int, max_failures: int, name: str) -> tuple[dict[str, Any], Path]:
+    """:func:`_single_worker` in a Ray task that may reuse a warm worker process (torch imported,
+    the labeled images decoded in an earlier round): no worker group, no controller to start.
+    Returns the loop's result and the newest checkpoint folder."""
+    import ray
+
+    root = Path(spec.output_dir) / "train_checkpoints"
+    shutil.rmtree(root, ignore_errors=True)  # an earlier attempt of this round: start over
+    task = ray.remote(num_cpus=cpus, num_gpus=1 if spec.use_gpu else 0, max_retries=max_failures,
+                      retry_exceptions=False, max_calls=0)(_single_worker).options(name=name)
+    ret: dict[str, Any] = ray.get(task.remote(spec, str(root), max(1, cpus)))
+    done = sorted(root.glob("epoch-*/done"))
+    if not done:
+        raise RuntimeError(f"training run {name} wrote no checkpoint in {root}")
+    return ret, done[-1].parent
 
 
 def train(
@@ -880,18 +979,22 @@ def train(
     storage_path: str,
     run_name: str | None = None,
     max_failures: int = 2,
+    launcher: str = "auto",
 ) -> TrainResult:
-    """Fit a model with a Ray Train ``TorchTrainer`` and copy the best checkpoint to
-    ``spec.output_dir/model.pt``.
+    """Fit a model and copy the best checkpoint to ``spec.output_dir/model.pt``.
 
-    ``num_workers=0`` runs the loop in this process (Ray Train's local mode). Each call uses a fresh
-    run name: reusing one would silently resume an earlier run.
+    ``num_workers=0`` runs the loop in this process (Ray Train's local mode). ``num_workers=1``
+    runs it in one Ray task with ``cpus_per_worker`` CPUs (and a GPU with ``spec.use_gpu``), which
+    reuses a warm worker process across rounds instead of starting a worker group (a TorchTrainer
+    costs 15-25 s to start here, the task about 0.1 s once a worker is warm). Two or more workers
+    train with DDP under a Ray Train ``TorchTrainer``; each call uses a fresh run name: reusing one
+    would silently resume an earlier run. ``launcher="ray_train"`` uses a TorchTrainer for one worker too.
 
-    ``max_failures``: how many times Ray Train restarts the worker group after a worker dies (a
-    killed process, a lost node); every epoch reports a checkpoint and a restarted group goes on
-    from the latest one, to the result the run would have given uninterrupted. 0 = fail at once.
-    Needs ``storage_path`` on storage every node sees when workers span nodes. Local mode has no
-    restarts.
+    ``max_failures``: how many times a worker that dies (a killed process, a lost node) is
+    replaced; every epoch writes a checkpoint and the replacement goes on from the latest one, to
+    the result the run would have given uninterrupted. 0 = fail at once. Needs ``storage_path``
+    (and ``spec.output_dir``) on storage every node sees when workers span nodes. Local mode has
+    no restarts.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -901,6 +1004,17 @@ def train(
     _check_resources(num_workers, cpus_per_worker, spec.use_gpu)
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if num_workers == 1 and launcher == "auto":
+        spec = dataclasses.replace(spec, checkpoint_via_report=True)
+        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+        name = run_name or f"train-{uuid.uuid4().hex[:8]}"
+        t0 = time.perf_counter()
+        ret, latest = _train_task(spec, cpus_per_worker, max_failures, name)
+        seconds = time.perf_counter() - t0
+        shutil.copyfile(latest / CHECKPOINT_FILE, out / (CHECKPOINT_FILE + ".tmp"))
+        (out / (CHECKPOINT_FILE + ".tmp")).replace(out / CHECKPOINT_FILE)
+        shutil.rmtree(latest.parent, ignore_errors=True)
+        return result_from_loop(spec, ret, str(out / CHECKPOINT_FILE), seconds)
     local = num_workers == 0
     spec = dataclasses.replace(spec, checkpoint_via_report=not local)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
