@@ -6,9 +6,10 @@
 Generates small synthetic RGB PNGs (32x32 by default, in parallel, under a temporary folder in /tmp
 or ``--workdir``, never in the repository), then, for each pool size, in a fresh driver process:
 writes the pool table the loop's score phase writes (``sample_id``, ``image_path``, ``mask_path``,
-``need_quality``), scores it with ``workers.score_pool`` (Ray Data over an actor pool: images are
-decoded inside the actor, only per-image numbers are written, as Parquet, by the cluster), reads the
-scores back and selects 1% of the pool with the ``entropy`` strategy, as the loop's select phase does.
+``need_quality``), scores it with ``workers.score_pool`` (Ray Data tasks: images are decoded inside the workers, only
+per-image numbers are written, as Parquet, by the cluster), reads the scores back and selects 1% of
+the pool with the ``entropy`` strategy: first as the loop's select phase does (only the columns the
+strategy declares), then reading every score column (what the loop did before).
 
 A thread samples the driver's resident memory (``VmRSS``) every 20 ms; the peak of each phase and
 of the whole process (``ru_maxrss``) are reported. Images and probabilities never reach the driver,
@@ -168,9 +169,9 @@ def measure(root: Path, count: int, args: argparse.Namespace) -> dict[str, Any]:
     assert result.num_scored == count, (result.num_scored, count)
     budget = max(1, count // 100)
     strategy = build_strategy("entropy")
-    # First only the columns the strategy declares (not what the loop does today), then, as the
-    # loop's select phase does, every score column: measured in this order so that the smaller
-    # peak is not hidden under the larger one (freed memory is not always returned to the OS).
+    # First only the columns the strategy declares (what the loop's select phase does), then every
+    # score column (what it did before): measured in this order so that the smaller peak is not
+    # hidden under the larger one (freed memory is not always returned to the OS).
     with sampler.phase(record, "select_declared"):
         declared = ["sample_id", *sorted(strategy.requirements().columns)]
         scores = pq.read_table(result.scores_dir, columns=declared).to_pandas().sort_values("sample_id", ignore_index=True)
@@ -225,15 +226,15 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path) -
         "throughput is a lower bound).",
         "",
         f"Pool: {meta['image_size']}x{meta['image_size']} RGB PNGs, model {MODEL_NAME} {MODEL_OPTIONS} with "
-        f"{NUM_CLASSES} classes (untrained), `workers.score_pool` with {meta['num_actors']} actor(s), batch size "
+        f"{NUM_CLASSES} classes (untrained), `workers.score_pool` with {meta['num_actors']} worker(s), batch size "
         f"{meta['batch_size']}, the label-review columns on (as the loop runs it); then `read_scores` and "
         "`entropy` selection of 1% of the pool. Each pool size runs in a fresh driver process; RSS is the "
-        "driver's resident memory (sampled every 20 ms; the Ray actors are other processes). Image "
+        "driver's resident memory (sampled every 20 ms; the Ray workers are other processes). Image "
         f"generation: {meta['generate_seconds']:.0f} s.",
         "",
-        "Driver RSS in MiB, peak of each phase with its value at the start in brackets. *select* reads every "
-        "score column, as the loop's select phase does; *select, declared columns* reads only `sample_id` and "
-        "the columns the strategy declares (run first, in the same process).",
+        "Driver RSS in MiB, peak of each phase with its value at the start in brackets. *select, declared "
+        "columns* reads only `sample_id` and the columns the strategy declares, as the loop's select phase does "
+        "(run first); *select* reads every score column, as it did before (run second, in the same process).",
         "",
         "| pool | driver peak RSS | after Ray init | after pool table | score | select, declared columns | "
         "select | score s | images/s | select s | score table MiB (columns) |",
@@ -248,13 +249,13 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path) -
             f"{r['images_per_s']:.0f} | {r['select_seconds']:.2f} | {r['score_table_mib']:.1f} ({r['score_columns']}) |")
     lines += [
         "",
-        f"**Driver peak RSS at {large['pool']:,} vs {small['pool']:,} images: x{ratio:.2f}** "
-        f"({growth:.0f} bytes per extra pool image, against {summary['decoded_bytes_per_image']:,} bytes of decoded "
-        "pixels and class probabilities per image: images and probabilities stay in the actors). During scoring "
-        f"the driver's peak grows x{summary['score_peak_rss_ratio']:.2f} (the pool table it wrote before); what "
-        "grows beyond that is selection, which reads the whole score table "
-        f"({large['score_columns']} columns) into pandas and copies it. Reading only the declared columns, the "
-        f"driver's peak would grow x{summary['declared_columns_peak_rss_ratio']:.2f}.",
+        f"**Driver peak RSS through scoring and the loop's selection (declared columns only) at {large['pool']:,} "
+        f"vs {small['pool']:,} images: x{summary['declared_columns_peak_rss_ratio']:.2f}** (images and probabilities "
+        f"stay in the workers: {summary['decoded_bytes_per_image']:,} bytes per image of decoded pixels and class "
+        f"probabilities never reach the driver). During scoring the driver's peak grows "
+        f"x{summary['score_peak_rss_ratio']:.2f} (the pool table it wrote before). Reading the whole score table "
+        f"({large['score_columns']} columns) into pandas, as selection did before, the peak grows x{ratio:.2f} "
+        f"({growth:.0f} bytes per extra pool image)."
         "",
     ]
     (out_dir / "pool_load.md").write_text("\n".join(lines))

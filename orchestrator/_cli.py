@@ -38,10 +38,7 @@ def _drive(loop: object) -> int:
     from ._loop import ActiveLearningLoop
 
     assert isinstance(loop, ActiveLearningLoop)
-    while not loop.done:
-        result = loop.step()
-        if result is None:
-            break
+    for result in loop.rounds():
         _print_round(result)
     awaiting = loop.awaiting_labels
     if awaiting is not None:

@@ -346,9 +346,16 @@ class OracleConfig:
     preannotate: bool = True
     """Write the round model's predicted masks into the task folder as pre-annotations."""
     label_map: dict[str, int] | None = None
-    """Label Studio label name -> class id (default: the class names in order)."""
+    """Label Studio label name -> class id (default: the class names in order). Every class needs a
+    name; the first name of a class is the one the labeling config and pre-annotations use, others
+    are accepted on import."""
     image_root_url: str | None = None
-    """Prefix for image URLs in Label Studio's tasks.json (default: paths relative to the task folder)."""
+    """A URL under which the work dir is served over HTTP (any static file server): image URLs in
+    tasks.json are ``<image_root_url>/<path under the work dir>``. Null: Label Studio serves the
+    files itself (``/data/local-files/?d=...``; see ``local_files_root``)."""
+    local_files_root: str | None = None
+    """The ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` Label Studio runs with (the work dir or a folder
+    above it); null = the work dir. Each task folder's README gives the exact steps."""
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,16 @@ class Context:
             )
         return self._tracker
 
+    def label_studio(self) -> Any:
+        """The experiment's ``LabelStudioSpec`` with ``oracle.kind: label-studio``, else None."""
+        oracle = self.config.oracle
+        if oracle.kind != "label-studio":
+            return None
+        from ._labelstudio import label_studio_spec
+
+        return label_studio_spec(tuple(self.classes().names), oracle.label_map, self.workdir, oracle.image_root_url,
+                                 oracle.local_files_root)
+
     def sam_spec(self) -> Any:
         """The ``workers.SamSpec`` of the ``sam`` section (its cache under the work dir by default)."""
         return workers.SamSpec.from_config(asdict(self.config.sam), self.config.sam.cache_uri or str(self.workdir / "sam_cache"))

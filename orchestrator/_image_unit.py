@@ -241,7 +241,6 @@ class ImageUnit:
 
     def request_labels(self, ctx: Context) -> dict[str, Any] | None:
         """Export the selection to people on first call; finish the phase once labels came in."""
-        cfg = ctx.config
         state = ctx.round_state
         request = state.round_info.get("label_request")
         selected = list(state.round_info["select"]["selected"])
@@ -250,7 +249,7 @@ class ImageUnit:
             export_folder_tasks(
                 ctx.read(state.revision), selected, task_dir, ctx.classes(),
                 round_index=state.round, preannotations=preannotations(ctx, selected),
-                label_studio=cfg.oracle.kind == "label-studio", image_root_url=cfg.oracle.image_root_url,
+                label_studio=ctx.label_studio(), workdir=ctx.workdir,
             )
             _faults.checkpoint("label:inside")  # task folder exported, request not yet recorded
             open_request(state, task_dir, selected)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ._atomic import atomic_write, atomic_write_json
-from ._labelstudio import brush_to_mask, mask_to_brush
+from ._labelstudio import LabelStudioSpec, brush_to_mask, task_for, url_stem
 from ._table import IMAGE_PATH, SAMPLE_ID
 
 MANIFEST = "manifest.json"
@@ -59,12 +59,14 @@ def export_folder_tasks(
     round_index: int,
     kind: str = "label",
     preannotations: Mapping[str, np.ndarray] | None = None,
-    label_studio: bool = False,
-    image_root_url: str | None = None,
+    label_studio: LabelStudioSpec | None = None,
     regions: Mapping[str, tuple[np.ndarray, Sequence[int]]] | None = None,
+    workdir: Path | None = None,
 ) -> TaskExport:
-    """Write a task folder for ``sample_ids``: images, pre-annotations, manifest (and, with
-    ``label_studio``, ``tasks.json`` with brush pre-annotations Label Studio imports).
+    """Write a task folder for ``sample_ids``: images, pre-annotations, manifest, a README for the
+    annotation lead (and, with ``label_studio``, ``tasks.json`` with brush pre-annotations and
+    ``label_config.xml``, the project's labeling config). ``workdir``: the experiment's, named in
+    the README's commands.
 
     ``regions`` (a region task, ``kind="region"``): sample id -> (int region map [h, w] at any
     size, the region ids to label). The map is enlarged to the image's own size with nearest
@@ -102,20 +104,72 @@ def export_folder_tasks(
             cv2.imwrite(str(tmp / entry["preannotation"]), pre.astype(np.uint8))
         samples.append(entry)
         files[sid] = name
-        if label_studio:
-            ls_tasks.append(_label_studio_task(entry, classes, pre, round_index, image_root_url))
+        if label_studio is not None:  # URLs of the files where they will be once the folder is in place
+            ls_tasks.append(task_for(entry, task_dir / image_file, pre, classes.ignore_index, label_studio, round_index,
+                                     task_dir / entry["todo"] if "todo" in entry else None))
     manifest = {
         "format": 1, "kind": kind, "round": round_index, "classes": list(classes.names),
         "ignore_index": classes.ignore_index, "samples": samples,
         "instructions": REGION_INSTRUCTIONS if regions is not None else INSTRUCTIONS,
     }
     atomic_write_json(tmp / MANIFEST, manifest)
-    if label_studio:
+    if label_studio is not None:
         atomic_write_json(tmp / "tasks.json", ls_tasks)
+        (tmp / "label_config.xml").write_text(label_studio.label_config())
+    (tmp / "README.md").write_text(task_readme(task_dir, workdir, label_studio, kind, len(samples)))
     if task_dir.exists():
         shutil.rmtree(task_dir)
     tmp.rename(task_dir)
     return TaskExport(task_dir=str(task_dir), sample_ids=list(map(str, sample_ids)), files=files)
+
+
+def task_readme(task_dir: Path, workdir: Path | None, spec: LabelStudioSpec | None, kind: str, count: int) -> str:
+    """What the annotation lead does with this folder, from opening it to importing the answers."""
+    work = str(workdir) if workdir is not None else "WORKDIR"
+    what = {"label": "images to label", "region": "images with regions to label", "relabel": "images to relabel"}[kind]
+    lines = [f"# {count} {what}", "", f"Task folder `{task_dir}` of the Shoal experiment `{work}`.", ""]
+    if spec is None:
+        lines += [
+            "1. Draw one mask per image in `images/`: a single-channel PNG of class ids, the same size as the "
+            "image, named like it (`masks/<name>.png`); unlabeled pixels hold `ignore_index` (see manifest.json). "
+            "`preannotations/` holds the model's masks to start from." + (
+                " Only pixels inside the todo regions (`todo/<name>.png`) count." if kind == "region" else ""),
+            f"2. `shoal import-labels {work} {task_dir}`" + (f" --task {task_dir}" if kind == "relabel" else ""),
+            f"3. `shoal resume {work}`",
+        ]
+    else:
+        served = (f"the work dir served at {spec.url_prefix}" if spec.url_prefix else
+                  f"Label Studio's local files under {spec.local_files_root}")
+        lines += [
+            f"Images load from {served}.",
+            "",
+            "1. Start Label Studio (once) with local files served:"
+            if not spec.url_prefix else "1. Start Label Studio (once).",
+        ]
+        if not spec.url_prefix:
+            lines += ["", "       LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true \\",
+                      f"       LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={spec.local_files_root} \\",
+                      "       label-studio start --internal-host 127.0.0.1 --port 8080", ""]
+        lines += [
+            "2. Create a project (once per experiment); in Settings > Labeling Interface > Code paste "
+            "`label_config.xml` from this folder.",
+        ]
+        if not spec.url_prefix:
+            lines.append(f"3. In Settings > Cloud Storage add a Local Storage (source) with the absolute local path "
+                         f"`{spec.workdir}` (no sync needed: it lets the project read every round's images).")
+        else:
+            lines.append("3. Nothing to add: the images load over HTTP.")
+        lines += [
+            "4. Import `tasks.json` from this folder (Import > Upload files): one task per image, with the model's "
+            "masks as predictions.",
+            "5. Annotate (brush), then Export > JSON.",
+            f"6. `shoal import-labels {work} EXPORT.json`" + (f" --task {task_dir}" if kind == "relabel" else "")
+            + f", then `shoal resume {work}`.",
+            "",
+            "Tasks that Label Studio made by syncing a storage (without `sample_id` in their data) are matched by "
+            "the image's file name.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 INSTRUCTIONS = ("Save one single-channel PNG of class ids per image in masks/, named like the image "
@@ -161,28 +215,6 @@ def _image_hw(path: Path) -> tuple[int, int]:
 
     image = load_image(str(path))
     return int(image.shape[0]), int(image.shape[1])
-
-
-def _label_studio_task(entry: dict[str, Any], classes: Any, pre: np.ndarray | None, round_index: int,
-                       image_root_url: str | None) -> dict[str, Any]:
-    image_ref = f"{image_root_url.rstrip('/')}/{entry['image']}" if image_root_url else entry["image"]
-    task: dict[str, Any] = {"data": {"image": image_ref, "sample_id": entry["sample_id"], "name": entry["name"]}}
-    if "todo" in entry:  # a region task: where to label (the pre-annotation covers only these regions)
-        task["data"]["todo"] = f"{image_root_url.rstrip('/')}/{entry['todo']}" if image_root_url else entry["todo"]
-        task["data"]["regions"] = entry["regions"]
-    if pre is not None:
-        results = []
-        for class_id in np.unique(pre):
-            if class_id == classes.ignore_index or class_id >= len(classes.names):
-                continue
-            results.append({
-                "from_name": "tag", "to_name": "image", "type": "brushlabels",
-                "original_width": entry["width"], "original_height": entry["height"],
-                "value": {"format": "rle", "rle": mask_to_brush(pre == class_id),
-                          "brushlabels": [classes.names[int(class_id)]]},
-            })
-        task["predictions"] = [{"model_version": f"shoal-round-{round_index}", "result": results}]
-    return task
 
 
 def read_manifest(task_dir: Path) -> dict[str, Any]:
@@ -256,6 +288,9 @@ def read_label_studio_answers(export: Path, manifest: Mapping[str, Any], classes
                               label_map: Mapping[str, int] | None = None) -> list[ImportedMask]:
     """Masks from a Label Studio JSON export (brush results, the latest annotation of each task).
 
+    A task is matched to the request by its ``sample_id`` (tasks Shoal wrote), else by the file name
+    its image URL points at (tasks Label Studio made by syncing a storage); a task that matches
+    nothing in the request, or more than one image, is refused. Errors name Label Studio's task id.
     ``label_map`` maps Label Studio label names to class ids (default: the class names)."""
     try:
         tasks = json.loads(export.read_text())
@@ -265,17 +300,29 @@ def read_label_studio_answers(export: Path, manifest: Mapping[str, Any], classes
         raise ValueError(f"{export}: a Label Studio export is a JSON list of tasks")
     names = label_map or {n: i for i, n in enumerate(classes.names)}
     by_id = {s["sample_id"]: s for s in manifest["samples"]}
-    by_name = {s["name"]: s for s in manifest["samples"]}
+    by_stem: dict[str, list[dict[str, Any]]] = {}
+    for s in manifest["samples"]:
+        for stem in {s["name"], Path(s["image"]).stem, Path(str(s["sample_id"])).name}:
+            by_stem.setdefault(stem, []).append(s)
     found: list[ImportedMask] = []
     for k, task in enumerate(tasks):
-        where = f"{export} task {k}"
-        data = task.get("data", {}) if isinstance(task, dict) else {}
-        entry = by_id.get(data.get("sample_id")) or by_name.get(data.get("name"))
+        task = task if isinstance(task, dict) else {}
+        where = f"{export}: Label Studio task {task['id']}" if "id" in task else f"{export}: task {k} (no id)"
+        data = task.get("data", {}) or {}
+        image = str(data.get("image", ""))
+        entry = by_id.get(data.get("sample_id"))
+        if entry is None and data.get("sample_id") is not None:
+            raise ValueError(f"{where}: sample {data['sample_id']!r} is not in this request ({len(by_id)} images, "
+                             f"round {manifest.get('round')}): an export of another project or round?")
         if entry is None:
-            image = str(data.get("image", ""))
-            entry = by_name.get(Path(image.split("?")[0]).stem)
-        if entry is None:
-            raise ValueError(f"{where}: sample {data.get('sample_id') or data.get('image')!r} is not in this task's selection")
+            matches = {s["sample_id"]: s for s in by_stem.get(url_stem(image), [])}
+            if len(matches) > 1:
+                raise ValueError(f"{where}: image {image!r} matches {len(matches)} requested images "
+                                 f"({', '.join(sorted(matches))}); give the task a sample_id")
+            if not matches:
+                raise ValueError(f"{where}: image {image!r} is not one of the {len(by_id)} images of this request "
+                                 f"(round {manifest.get('round')}): an export of another project or round?")
+            entry = next(iter(matches.values()))
         annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
         if not annotations:
             continue  # not annotated yet: a partial import

@@ -1,4 +1,5 @@
-"""Label Studio brush masks: the run-length format of its ``brushlabels`` results.
+"""Label Studio: the run-length format of its ``brushlabels`` results, and how an experiment's task
+folders meet a project (labeling config, image URLs, tasks).
 
 Label Studio stores a brush mask as an RGBA image of the task's size, flattened and packed with the
 ``rle-pack`` bit format: a 32-bit value count, a 5-bit word size minus one, four 4-bit run-length
@@ -8,7 +9,12 @@ The painted pixels have a non-zero alpha channel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlparse
+from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -87,3 +93,108 @@ def brush_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
             f"brush RLE holds {values.size} values; a {height}x{width} RGBA image needs {height * width * 4}"
         )
     return values.reshape(height, width, 4)[:, :, 3] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Projects: the labeling config, image URLs, tasks and exports
+
+
+@dataclass(frozen=True)
+class LabelStudioSpec:
+    """How an experiment's task folders meet a Label Studio project.
+
+    names / colors: the label name and ``#rrggbb`` colour of each class id (``oracle.label_map``,
+    default the class names): the project's ``BrushLabels`` and the pre-annotations use them.
+    Image URLs point at the task folders' copies: ``<url_prefix>/<path under the work dir>`` when
+    the work dir is served over HTTP (``oracle.image_root_url``), else Label Studio's own file
+    serving, ``/data/local-files/?d=<path under local_files_root>`` (a Local Storage of the project
+    covering the work dir). Both stay valid in every round: each round's folder is under the work dir.
+    """
+
+    names: tuple[str, ...]
+    colors: tuple[str, ...]
+    workdir: Path
+    url_prefix: str | None
+    local_files_root: Path
+
+    def image_url(self, path: Path) -> str:
+        """The URL Label Studio loads ``path`` (a file under the work dir) from."""
+        path = path.resolve()
+        if self.url_prefix:
+            return f"{self.url_prefix.rstrip('/')}/{quote(path.relative_to(self.workdir).as_posix())}"
+        try:
+            relative = path.relative_to(self.local_files_root)
+        except ValueError:
+            raise ValueError(f"oracle.local_files_root: {self.local_files_root} does not hold {path}; it must be the "
+                             "work dir or a folder above it") from None
+        return f"/data/local-files/?d={quote(relative.as_posix())}"
+
+    def label_config(self) -> str:
+        """The project's labeling config: the image and a ``BrushLabels`` with every class."""
+        labels = "\n".join(f'    <Label value="{escape(n, {chr(34): "&quot;"})}" background="{c}"/>'
+                           for n, c in zip(self.names, self.colors))
+        return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
+                f'  <BrushLabels name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}\n  </BrushLabels>\n</View>\n')
+
+    def by_name(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+
+FROM_NAME = "tag"
+TO_NAME = "image"
+LOCAL_FILES_PREFIX = "/data/local-files/?d="
+
+
+def label_studio_spec(names: tuple[str, ...], label_map: Mapping[str, int] | None, workdir: Path,
+                      url_prefix: str | None, local_files_root: str | None) -> LabelStudioSpec:
+    """The spec of an experiment with classes ``names``; ``label_map`` (Label Studio name -> class
+    id) must name every class once at least (the first name of a class is the one shown)."""
+    from workers import class_colors
+
+    shown: dict[int, str] = {}
+    if label_map:
+        for name, class_id in label_map.items():
+            if not isinstance(class_id, int) or not 0 <= class_id < len(names):
+                raise ValueError(f"oracle.label_map: '{name}' -> {class_id!r} is not a class id (0..{len(names) - 1})")
+            shown.setdefault(class_id, name)
+        missing = [f"{i} ({names[i]})" for i in range(len(names)) if i not in shown]
+        if missing:
+            raise ValueError(f"oracle.label_map: no Label Studio name for class {', '.join(missing)}")
+    label_names = tuple(shown.get(i, n) for i, n in enumerate(names))
+    colors = tuple("#" + "".join(f"{int(v):02x}" for v in rgb) for rgb in class_colors(len(names)))
+    root = Path(local_files_root).resolve() if local_files_root else workdir.resolve()
+    return LabelStudioSpec(label_names, colors, workdir.resolve(), url_prefix, root)
+
+
+def task_for(entry: Mapping[str, Any], image_path: Path, pre: np.ndarray | None, ignore_index: int,
+             spec: LabelStudioSpec, round_index: int, todo_path: Path | None = None) -> dict[str, Any]:
+    """One Label Studio task of a task folder ``entry``: the image URL, the sample id and name, and
+    the pre-annotation as brush predictions named by the label map."""
+    task: dict[str, Any] = {"data": {"image": spec.image_url(image_path), "sample_id": entry["sample_id"],
+                                     "name": entry["name"]}}
+    if todo_path is not None:  # a region task: where to label (the pre-annotation covers only these regions)
+        task["data"]["todo"] = spec.image_url(todo_path)
+        task["data"]["regions"] = entry["regions"]
+    if pre is not None:
+        results = []
+        for class_id in np.unique(pre):
+            if class_id == ignore_index or class_id >= len(spec.names):
+                continue
+            results.append({
+                "from_name": FROM_NAME, "to_name": TO_NAME, "type": "brushlabels",
+                "original_width": entry["width"], "original_height": entry["height"], "image_rotation": 0,
+                "value": {"format": "rle", "rle": mask_to_brush(pre == class_id),
+                          "brushlabels": [spec.names[int(class_id)]]},
+            })
+        task["predictions"] = [{"model_version": f"shoal-round-{round_index}", "result": results}]
+    return task
+
+
+def url_stem(url: str) -> str:
+    """The file stem an image URL points at: ``/data/local-files/?d=a/b/x.png``, ``http://h/p/x.jpg?sig=..``
+    and ``s3://bucket/key/x.png`` all give ``x``."""
+    parsed = urlparse(str(url))
+    path = parsed.path
+    if parsed.query and "d=" in parsed.query and path.rstrip("/").endswith("local-files"):
+        path = parse_qs(parsed.query).get("d", [""])[0]
+    return Path(unquote(path)).stem

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import yaml
 from . import _faults, _label, _people, _pool, _score, _select, _start, _track, _train
 from ._config import Config, config_from_dict
 from ._context import Context
+from ._lock import WorkdirLocked, writing
 from ._progress import Display, PhaseMonitor
 from ._round import awaiting_labels
 from ._state import CONFIG_FILE, STATE_FILE, State
@@ -115,18 +116,37 @@ class ActiveLearningLoop:
             return self.ctx.state
         _start.check_config(self.ctx)  # nothing is written before the config is known to run
         existed = self.workdir.exists()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.ctx.state = _start.start(self.ctx)
+            with self._writing():
+                if self.ctx.state is None:  # another process may have started it while we waited
+                    self.ctx.state = _start.start(self.ctx)
+        except WorkdirLocked:
+            raise  # the other writer's work dir: leave it alone
         except BaseException:
             if not existed:  # a refused start leaves nothing behind
                 shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         return self.ctx.state
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the work dir's lock (one writer at a time) and, on taking it, read the state again:
+        another process may have changed it since this object read it."""
+        with writing(self.workdir):
+            if (self.workdir / STATE_FILE).exists():
+                self.ctx.state = State.load(self.workdir)
+            yield
+
     def step(self) -> RoundResult | None:
         """Run the phases left in the current round; None when the experiment has stopped or waits
         for people."""
-        state = self.start()
+        self.start()
+        with self._writing():
+            return self._step()
+
+    def _step(self) -> RoundResult | None:
+        state = self.ctx.round_state
         if state.stopped:
             return None
         start_round = state.round
@@ -160,13 +180,18 @@ class ActiveLearningLoop:
 
     def run(self) -> list[RoundResult]:
         """Step until a stopping criterion holds; return the rounds run by this call."""
-        results = []
-        while not self.done:
-            result = self.step()
-            if result is None:
-                break
-            results.append(result)
-        return results
+        return list(self.rounds())
+
+    def rounds(self) -> Iterator[RoundResult]:
+        """Step until a stopping criterion holds or labels are awaited, yielding each round's
+        result; the work dir's lock is held throughout, so no other writer slips in between rounds."""
+        self.start()
+        with self._writing():
+            while not self.done:
+                result = self.step()
+                if result is None:
+                    return
+                yield result
 
     def status(self) -> dict[str, Any]:
         """A summary of where the experiment stands (what ``shoal status`` prints)."""
@@ -206,7 +231,8 @@ class ActiveLearningLoop:
         In a region run the awaited labels are regions, kept inside the asked regions only.
         """
         self._require_state()
-        return _people.import_labels(self.ctx, source, task_dir)
+        with self._writing():
+            return _people.import_labels(self.ctx, source, task_dir)
 
     def edit(self, *, weights: dict[str, float] | None = None, exclude: dict[str, bool] | None = None,
              relabel: list[str] | None = None, comment: str) -> str:
@@ -217,7 +243,8 @@ class ActiveLearningLoop:
         (a task folder is written for interactive oracles). Returns the new revision id.
         """
         self._require_state()
-        return _people.edit(self.ctx, weights=weights, exclude=exclude, relabel=relabel, comment=comment)
+        with self._writing():
+            return _people.edit(self.ctx, weights=weights, exclude=exclude, relabel=relabel, comment=comment)
 
     def add_images(self, folder: str | Path | None = None) -> dict[str, Any]:
         """New images join the pool as one table revision (between rounds, or while labels are
@@ -225,7 +252,8 @@ class ActiveLearningLoop:
         Duplicates by content and, with ``data.skip_unreadable``, unreadable images are reported and
         skipped; nothing already labeled changes. See ``orchestrator._pool.add_images``."""
         self._require_state()
-        return _pool.add_images(self.ctx, folder)
+        with self._writing():
+            return _pool.add_images(self.ctx, folder)
 
     def _require_state(self) -> State:
         if self.state is None:

@@ -111,8 +111,7 @@ def edit(ctx: Context, *, weights: dict[str, float] | None = None, exclude: dict
     _faults.checkpoint("edit:inside")  # the revision written, the state not saved
     if relabel and build_oracle(cfg.oracle.kind).interactive:
         export_folder_tasks(df, relabel, ctx.workdir / "relabel" / rev, ctx.classes(), round_index=state.round,
-                            kind="relabel", label_studio=cfg.oracle.kind == "label-studio",
-                            image_root_url=cfg.oracle.image_root_url)
+                            kind="relabel", label_studio=ctx.label_studio(), workdir=ctx.workdir)
     if request is not None and request.get("revision"):
         request["revision"] = rev
     else:

@@ -347,7 +347,6 @@ class RegionUnit:
         records the label request: None, the round waits. Once :meth:`import_answers` took answers
         in, the phase result of what came back (same keys as the simulated oracle's, plus
         ``requested`` images and ``partial``: some queued regions unanswered)."""
-        cfg = ctx.config
         state = ctx.round_state
         select_info = state.round_info["select"]
         records_file = ctx.round_dir() / LABELED_REGIONS_FILE
@@ -365,8 +364,7 @@ class RegionUnit:
             task_dir = ctx.round_dir() / "tasks"
             export_folder_tasks(
                 df, selected, task_dir, ctx.classes(), round_index=state.round, kind="region",
-                preannotations=preannotations(ctx, selected), label_studio=cfg.oracle.kind == "label-studio",
-                image_root_url=cfg.oracle.image_root_url,
+                preannotations=preannotations(ctx, selected), label_studio=ctx.label_studio(), workdir=ctx.workdir,
                 regions={sid: (region_map(images[sid]), asked[sid]) for sid in selected},
             )
             _faults.checkpoint("label:inside")  # task folder exported, request not yet recorded

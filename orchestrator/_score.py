@@ -40,8 +40,7 @@ def relabel_queue(ctx: Context, scores_dir: Path, df: pd.DataFrame) -> list[str]
     ids = [str(i) for i in queue[SAMPLE_ID]]
     if ids and build_oracle(cfg.oracle.kind).interactive:
         export_folder_tasks(df, ids, ctx.round_dir() / "relabel", ctx.classes(), round_index=ctx.round_state.round,
-                            kind="relabel", label_studio=cfg.oracle.kind == "label-studio",
-                            image_root_url=cfg.oracle.image_root_url)
+                            kind="relabel", label_studio=ctx.label_studio(), workdir=ctx.workdir)
     return ids
 
 

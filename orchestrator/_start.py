@@ -30,6 +30,7 @@ from ._clicks import charge_images, new_cost_columns
 from ._config import Config
 from ._context import Context
 from ._label_state import holdout_share, mark_labeled
+from ._labelstudio import label_studio_spec
 from ._oracle import build_oracle
 from ._state import CONFIG_FILE, UNREADABLE_FILE, State
 from ._table import (
@@ -93,6 +94,9 @@ def start(ctx: Context) -> State:
     cfg = ctx.config
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     classes, table, labels = build_table(ctx)
+    if cfg.oracle.kind == "label-studio":  # every class has a name people will see, before any work
+        label_studio_spec(tuple(classes.names), cfg.oracle.label_map, ctx.workdir, cfg.oracle.image_root_url,
+                          cfg.oracle.local_files_root)
     table, unreadable = inspect(ctx, table, classes, labels)
     pool = table[SPLIT] == TRAIN_SPLIT
     if labels:  # the seed set: every pool image with a mask

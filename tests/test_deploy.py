@@ -662,3 +662,36 @@ def test_readme_covers_every_manifest_and_the_steps() -> None:
         "ray job submit",
     ):
         assert step in readme, f"deploy/README.md: missing {step!r}"
+
+
+def test_cuda_image_matches_the_torch_wheel_cuda() -> None:
+    """The base image's CUDA is the one the pinned torch wheel was built for (the dev venv has the
+    same PyPI wheel), and the README states the driver that CUDA needs."""
+    import torch
+
+    text = (DEPLOY / "docker" / "Dockerfile.cuda").read_text()
+    match = re.search(r"ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-", text)
+    assert match, "Dockerfile.cuda: no nvidia/cuda cudnn runtime base"
+    assert torch.version.cuda is not None, "the dev venv's torch is a CPU build: no CUDA to compare"
+    assert f"{match.group(1)}.{match.group(2)}" == torch.version.cuda
+    assert "580.65.06" in (DEPLOY / "README.md").read_text() and "580.65.06" in text
+
+
+def test_readme_job_submit_passes_what_the_rayjob_entrypoint_passes() -> None:
+    """The `ray job submit` example of deploy/README.md sets every --set of the RayJob's entrypoint,
+    and waits for the RayCluster before waiting for its head pod (the pod does not exist yet right
+    after `kubectl apply`)."""
+    readme = (DEPLOY / "README.md").read_text()
+    block = readme[readme.index(".venv/bin/ray job submit"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    submitted = shlex.split(block)
+    entry = shlex.split(the_rayjob().body["spec"]["entrypoint"])
+
+    def sets(words: list[str]) -> dict[str, str]:
+        return dict(w.split("=", 1) for prev, w in zip(words, words[1:]) if prev == "--set")
+
+    job, example = sets(entry), sets(submitted)
+    assert {k: v for k, v in job.items() if k in example} == {k: example[k] for k in job if k in example}
+    assert set(job) <= set(example), f"the README example drops {sorted(set(job) - set(example))}"
+    apply_at = readme.index("kubectl apply -f deploy/k8s/raycluster.yaml")
+    assert readme.index("raycluster/shoal --timeout", apply_at) < readme.index("--for=condition=Ready pod", apply_at)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 
+import workers
 from orchestrator import ActiveLearningLoop, TableStore, config_from_dict
-from orchestrator._labelstudio import brush_to_mask, decode_rle, encode_rle, mask_to_brush
+from orchestrator._labeling import read_answers, task_name
+from orchestrator._labelstudio import brush_to_mask, decode_rle, encode_rle, label_studio_spec, mask_to_brush
 
 from .conftest import tiny_config
 
@@ -221,3 +224,67 @@ def test_rle_round_trip() -> None:
     assert (brush_to_mask(mask_to_brush(region), 40, 70) == region).all()
     with pytest.raises(ValueError, match="RGBA image needs"):
         brush_to_mask(mask_to_brush(region), 41, 70)
+
+
+def _ls_manifest(tmp_path: Path) -> tuple[dict, Any]:
+    classes = workers.ClassInfo(names=("background", "crack"), ignore_index=255)
+    samples = [{"sample_id": sid, "name": task_name(sid), "image": f"images/{task_name(sid)}.png", "height": 4,
+                "width": 6, "preannotation": None} for sid in ("siteA/img1", "siteB/img1", "img2")]
+    return {"round": 2, "samples": samples}, classes
+
+
+def _ls_task(task_id: int, data: dict, labels: list[str]) -> dict:
+    region = np.zeros((4, 6), bool)
+    region[1:3, 2:4] = True
+    result = [{"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 6,
+               "original_height": 4, "value": {"format": "rle", "rle": mask_to_brush(region), "brushlabels": labels}}]
+    return {"id": task_id, "data": data, "annotations": [{"id": 1, "result": result}]}
+
+
+def test_label_studio_tasks_without_sample_id_are_matched_by_the_image_file(tmp_path: Path) -> None:
+    manifest, classes = _ls_manifest(tmp_path)
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([
+        _ls_task(71, {"image": "/data/local-files/?d=runs/exp/rounds/round-002/tasks/images/img2.png"}, ["crack"]),
+        _ls_task(72, {"image": "s3://bucket/pool/images/img2.png?X-Amz-Signature=abc"}, ["crack"]),
+    ]))
+    with pytest.raises(ValueError, match="a second mask for sample img2"):
+        read_answers(export, manifest, classes)
+    export.write_text(json.dumps([_ls_task(71, {"image": "/data/local-files/?d=x/images/img2.png"}, ["crack"])]))
+    [answer] = read_answers(export, manifest, classes)
+    assert answer.sample_id == "img2" and (answer.mask == 1).sum() == 4 and "Label Studio task 71" in answer.source
+
+
+@pytest.mark.parametrize("data, labels, message", [
+    ({"image": "/data/local-files/?d=pool/images/img9.png"}, ["crack"],
+     r"Label Studio task 7: image '.*img9.png' is not one of the 3 images of this request \(round 2\)"),
+    ({"sample_id": "img9", "image": "x.png"}, ["crack"],
+     r"Label Studio task 7: sample 'img9' is not in this request .* another project or round"),
+    ({"image": "http://files/pool/img1.png"}, ["crack"],
+     r"Label Studio task 7: image 'http://files/pool/img1.png' matches 2 requested images \(siteA/img1, siteB/img1\)"),
+    ({"sample_id": "img2"}, ["kelp"], r"Label Studio task 7: label \['kelp'\] is not in the label map"),
+])
+def test_bad_label_studio_exports_are_refused_naming_the_task(tmp_path: Path, data: dict, labels: list[str],
+                                                             message: str) -> None:
+    manifest, classes = _ls_manifest(tmp_path)
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([_ls_task(7, data, labels)]))
+    with pytest.raises(ValueError, match=message):
+        read_answers(export, manifest, classes)
+
+
+def test_label_studio_spec_names_every_class_and_serves_every_round(tmp_path: Path) -> None:
+    spec = label_studio_spec(("background", "crack"), {"bg": 0, "fissure": 1, "crack": 1}, tmp_path / "work", None, None)
+    assert spec.names == ("bg", "fissure") and spec.by_name() == {"bg": 0, "fissure": 1}
+    xml = spec.label_config()
+    assert '<BrushLabels name="tag" toName="image">' in xml and '<Label value="fissure" background="#' in xml
+    image = tmp_path / "work" / "rounds" / "round-007" / "tasks" / "images" / "a b.png"
+    assert spec.image_url(image) == "/data/local-files/?d=rounds/round-007/tasks/images/a%20b.png"
+    served = label_studio_spec(("background", "crack"), None, tmp_path / "work", "http://files:9000/exp/", None)
+    assert served.image_url(image) == "http://files:9000/exp/rounds/round-007/tasks/images/a%20b.png"
+    with pytest.raises(ValueError, match=r"oracle.label_map: no Label Studio name for class 1 \(crack\)"):
+        label_studio_spec(("background", "crack"), {"bg": 0}, tmp_path, None, None)
+    with pytest.raises(ValueError, match=r"oracle.label_map: 'x' -> 5 is not a class id"):
+        label_studio_spec(("background", "crack"), {"bg": 0, "crack": 1, "x": 5}, tmp_path, None, None)
+    with pytest.raises(ValueError, match="oracle.local_files_root: .* does not hold"):
+        label_studio_spec(("a", "b"), None, tmp_path / "work", None, str(tmp_path / "elsewhere")).image_url(image)

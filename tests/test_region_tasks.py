@@ -18,6 +18,7 @@ import workers
 from orchestrator import ActiveLearningLoop, TableStore, _faults, config_from_dict
 from orchestrator import _region_unit as regions
 from orchestrator._labeling import export_folder_tasks
+from orchestrator._labelstudio import label_studio_spec
 
 from .conftest import tiny_config
 
@@ -283,8 +284,9 @@ def test_region_task_export_enlarges_maps_and_restricts_label_studio_predictions
     table = pd.DataFrame({"sample_id": ["a b"], "image_path": [str(tmp_path / "a.png")]})
     small = np.arange(6, dtype=np.int32).reshape(2, 3)  # 2 x 3 cells, enlarged to 10 x 10 pixels each
     pre = np.full((20, 30), 2, dtype=np.uint8)
+    spec = label_studio_spec(CLASSES.names, None, tmp_path, None, None)
     export = export_folder_tasks(table, ["a b"], tmp_path / "tasks", CLASSES, round_index=3, kind="region",
-                                 preannotations={"a b": pre}, label_studio=True, regions={"a b": (small, [4, 1])})
+                                 preannotations={"a b": pre}, label_studio=spec, regions={"a b": (small, [4, 1])})
     task = Path(export.task_dir)
     [entry] = json.loads((task / "manifest.json").read_text())["samples"]
     assert entry["regions"] == [4, 1]
@@ -293,7 +295,8 @@ def test_region_task_export_enlarges_maps_and_restricts_label_studio_predictions
     todo = cv2.imread(str(task / entry["todo"]), cv2.IMREAD_UNCHANGED) == 255
     assert todo.sum() == 200 and todo[0, 10] and todo[10, 10] and not todo[0, 0]
     [ls_task] = json.loads((task / "tasks.json").read_text())
-    assert ls_task["data"]["regions"] == [4, 1] and ls_task["data"]["todo"] == entry["todo"]
+    assert ls_task["data"]["regions"] == [4, 1]
+    assert ls_task["data"]["todo"] == f"/data/local-files/?d=tasks/{entry['todo']}"  # under the work dir
     [brush] = ls_task["predictions"][0]["result"]
     from orchestrator._labelstudio import brush_to_mask
 
