@@ -30,6 +30,10 @@ def _print_round(r: object) -> None:
         f"val mIoU {r.val_miou:.4f}, {r.seconds:.1f} s",
         flush=True,
     )
+    if "rare-class recipe" in r.extra.get("loss_used", ""):
+        print(f"  trained with {r.extra['loss_used']}", flush=True)
+    if r.extra.get("rare_classes"):
+        print(f"  rarest classes: {r.extra['rare_classes']}", flush=True)
     for text in r.extra.get("warnings", []):
         print(f"  warning: {text}", flush=True)
 
@@ -331,6 +335,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return _stopped(args, _RECEIVED[0] if _RECEIVED else signal.SIGINT)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, a missing file, a store that cannot be reached
         print(f"shoal: error: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,11 @@ class DataConfig:
     means nothing is labeled yet. ``ground_truth`` (benchmarks): every mask is hidden truth, revealed
     by the simulated oracle when its image is selected; ``loop.initial_labeled`` images start labeled.
     ``auto``: ``ground_truth`` when every pool image has a mask, else ``labels``."""
+    write_back_masks: bool = False
+    """With people labeling: every whole mask they return is also written next to its image, to
+    ``masks/<image stem>.png`` beside the pool's ``images/`` (a local folder or a bucket), so the
+    pool folder stays the dataset of record (a later experiment reads them as seed labels). Region
+    answers (partial masks) are not written back."""
     val_share: float = 0.2
     """Without ``val_dir``: the share of labeled pool images held out for validation and never trained
     on, chosen by a hash of the sample id (an image never moves between training and validation);
@@ -97,6 +102,17 @@ class LossConfig:
     """Optimiser steps over which OHEM's kept share falls linearly from 1 to ``ohem_top_k_min``."""
     dice_smooth: float = 1.0
     """Smoothing of the soft Dice, in pixels."""
+    imbalance: Literal["auto", "off"] = "auto"
+    """``auto``: a round whose labeled set is imbalanced (the rarest class present holds under
+    ``imbalance_threshold`` of the labeled pixels) trains with ``imbalance_loss`` and
+    ``imbalance_class_weights`` instead of ``name`` and ``class_weights``, and says so (the round's
+    ``loss_used`` param); ``off``: always ``name`` and ``class_weights``."""
+    imbalance_threshold: float = 0.01
+    """Share of the labeled pixels under which the rarest class makes the set imbalanced, in (0, 1)."""
+    imbalance_loss: Literal["ce", "dice", "ce_dice", "focal", "focal_dice", "ohem", "ohem_dice"] = "ce_dice"
+    """The loss of imbalanced rounds (the default chosen on KolektorSDD: benchmarks/results/rare_recipe.md)."""
+    imbalance_class_weights: Literal["none", "inverse", "median"] = "median"
+    """The class weights of imbalanced rounds."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +291,11 @@ class RegionsConfig:
     cache_uri: str | None = None
     """Where region maps are kept across rounds, keyed by image content and the method's
     parameters: a directory or a pyarrow filesystem URI; null = ``<workdir>/region_cache``."""
+    initial_clicks: float | None = None
+    """The region protocol of the literature (Cai et al. 2021, EquAL, CEREALS): the experiment starts
+    from random regions across the pool worth this many clicks (labeled by the simulated oracle at
+    their real cost), not from whole images (``loop.initial_labeled`` is then not used). Null:
+    start from ``loop.initial_labeled`` whole images."""
     budget_clicks: float | None = None
     """Annotator clicks to spend per round (required with ``loop.unit: region``). Round r may
     spend ``budget_clicks * r`` minus the clicks spent since the initial set, so a round that cost
@@ -605,6 +626,9 @@ def _build(cls: Any, data: Mapping[str, Any], path: str = "") -> Any:
 def _validate(cfg: Config) -> None:
     if cfg.data.kind == "folder" and cfg.data.train_dir is None:
         raise ValueError("data.train_dir: required when data.kind is 'folder'")
+    if cfg.data.write_back_masks and cfg.oracle.kind == "simulated":
+        raise ValueError("data.write_back_masks: only with people labeling (oracle.kind folder or label-studio): the "
+                         "simulated oracle's masks are the pool's own")
     if not 0.0 < cfg.data.val_share < 1.0:
         raise ValueError(f"data.val_share: must be in (0, 1): a share of the labeled images held out for "
                          f"validation, the rest trained on; got {cfg.data.val_share}")
@@ -652,6 +676,12 @@ def _validate_regions(cfg: Config) -> None:
     if cfg.review.simulate_relabel:
         raise ValueError("review.simulate_relabel: not supported with loop.unit: region (it would replace partial "
                          "masks with whole ones)")
+    initial = cfg.regions.initial_clicks
+    if initial is not None and not initial > 0:
+        raise ValueError(f"regions.initial_clicks: a positive number of clicks or null, got {initial}")
+    if initial is not None and cfg.oracle.kind != "simulated":
+        raise ValueError("regions.initial_clicks: a benchmark protocol for the simulated oracle; with people, start "
+                         "from seed masks or from the images round 0 asks for")
     if cfg.regions.method == "sam" and not cfg.sam.enabled:
         raise ValueError("regions.method: 'sam' needs sam.enabled: true and sam.checkpoint (SAM's weights)")
     from workers import RegionSpec  # checks every field's range, naming it (regions.<field>)
@@ -668,6 +698,8 @@ def _validate_train(t: TrainConfig) -> None:
             f"train.early_stopping_patience: must be >= 1 or null (never stop early), got {t.early_stopping_patience}"
         )
     loss = t.loss
+    if not 0.0 < loss.imbalance_threshold < 1.0:
+        raise ValueError(f"train.loss.imbalance_threshold: must be in (0, 1), got {loss.imbalance_threshold}")
     if not 0.0 < loss.ohem_top_k_min <= 1.0:
         raise ValueError(f"train.loss.ohem_top_k_min: must be in (0, 1], got {loss.ohem_top_k_min}")
     pixel = loss.name != "dice"

@@ -45,7 +45,11 @@ class AcquisitionUnit(Protocol):
         """Refuse a budget that ``n_unlabeled`` pool images (after the initial set) cannot pay for."""
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
-        """The first revision's unit-specific columns (the initial set is already labeled)."""
+        """The first revision's unit-specific columns (before anything is labeled)."""
+
+    def initial_labels(self, ctx: Context, table: pd.DataFrame, classes: Any) -> tuple[pd.DataFrame, str] | None:
+        """The labels the experiment starts with when the unit has a protocol of its own (random
+        regions), with a comment for the first revision; None = whole images, chosen by the start."""
 
     def open_pool(self, df: pd.DataFrame) -> pd.Series:
         """Train rows with something left to label."""

@@ -27,7 +27,7 @@ from ._clicks import charge_images
 from ._config import Config
 from ._context import Context
 from ._label_state import mark_labeled
-from ._labeling import export_folder_tasks, mask_digest, read_answers, read_manifest, save_answers
+from ._labeling import export_folder_tasks, mask_digest, read_answers, read_manifest, save_answers, write_back
 from ._oracle import build_oracle
 from ._round import (
     current_revision,
@@ -85,6 +85,9 @@ class ImageUnit:
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
         return table
+
+    def initial_labels(self, ctx: Context, table: pd.DataFrame, classes: Any) -> tuple[pd.DataFrame, str] | None:
+        return None
 
     def open_pool(self, df: pd.DataFrame) -> pd.Series:
         return (df[SPLIT] == TRAIN_SPLIT) & ~df[LABELED].astype(bool)
@@ -277,6 +280,8 @@ class ImageUnit:
         if not new:
             return report
         paths = save_answers(new, ctx.workdir / "labels" / f"round-{state.round:03d}")
+        if cfg.data.write_back_masks:  # the pool folder stays the dataset of record
+            write_back(new, df.set_index(SAMPLE_ID)[IMAGE_PATH].astype(str).to_dict())
         _faults.checkpoint("import:inside")  # mask files written, no revision yet
         idx = df[SAMPLE_ID].isin(paths)
         mark_labeled(df, idx, round_index=state.round, config=cfg, mask_paths=paths)

@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from workers import is_uri, read_bytes
+
 from ._atomic import atomic_write, atomic_write_json
 from ._labelstudio import LabelStudioSpec, brush_to_mask, task_for, url_stem
 from ._table import IMAGE_PATH, SAMPLE_ID
@@ -87,10 +89,15 @@ def export_folder_tasks(
     for sid, row in rows.iterrows():
         sid = str(sid)
         name = task_name(sid)
-        src = Path(str(row[IMAGE_PATH]))
-        image_file = f"images/{name}{src.suffix.lower()}"
-        shutil.copyfile(src, tmp / image_file)
-        height, width = _image_hw(src)
+        src = str(row[IMAGE_PATH])
+        image_file = f"images/{name}{Path(src.split('?')[0]).suffix.lower()}"
+        data = read_bytes(src)  # a pool image in a bucket: downloaded once, for its size
+        in_store = label_studio is not None and is_uri(src)  # Label Studio reads it from the store: no copy
+        if in_store:
+            image_file = src
+        else:
+            (tmp / image_file).write_bytes(data)
+        height, width = _image_hw(src, data)
         entry: dict[str, Any] = {"sample_id": sid, "name": name, "image": image_file,
                                  "height": height, "width": width, "preannotation": None}
         pre = (preannotations or {}).get(sid)
@@ -105,8 +112,8 @@ def export_folder_tasks(
         samples.append(entry)
         files[sid] = name
         if label_studio is not None:  # URLs of the files where they will be once the folder is in place
-            ls_tasks.append(task_for(entry, task_dir / image_file, pre, classes.ignore_index, label_studio, round_index,
-                                     task_dir / entry["todo"] if "todo" in entry else None))
+            ls_tasks.append(task_for(entry, image_file if in_store else task_dir / image_file, pre, classes.ignore_index,
+                                     label_studio, round_index, task_dir / entry["todo"] if "todo" in entry else None))
     manifest = {
         "format": 1, "kind": kind, "round": round_index, "classes": list(classes.names),
         "ignore_index": classes.ignore_index, "samples": samples,
@@ -210,10 +217,10 @@ def _write_region_files(folder: Path, entry: dict[str, Any], region_map: np.ndar
     return todo
 
 
-def _image_hw(path: Path) -> tuple[int, int]:
+def _image_hw(path: str, data: bytes) -> tuple[int, int]:
     from workers import load_image
 
-    image = load_image(str(path))
+    image = load_image(path, data=data)
     return int(image.shape[0]), int(image.shape[1])
 
 
@@ -380,3 +387,18 @@ def save_answers(answers: Sequence[ImportedMask], folder: Path) -> dict[str, str
             atomic_write(path, partial(Path.write_bytes, data=png))
         paths[a.sample_id] = str(path)
     return paths
+
+
+def write_back(answers: Sequence[ImportedMask], image_paths: Mapping[str, str]) -> list[str]:
+    """Write each answer's mask next to its image in the pool: ``<pool>/masks/<image stem>.png``
+    beside ``<pool>/images/`` (``data.write_back_masks``; a local folder or a bucket). Returns the
+    paths written."""
+    from workers import base_name, join_path, parent_path, write_bytes
+
+    written = []
+    for a in answers:
+        image = str(image_paths[a.sample_id])
+        target = join_path(parent_path(parent_path(image)), "masks", f"{Path(base_name(image)).stem}.png")
+        write_bytes(target, cv2.imencode(".png", a.mask)[1].tobytes())
+        written.append(target)
+    return written

@@ -117,9 +117,12 @@ class LabelStudioSpec:
     url_prefix: str | None
     local_files_root: Path
 
-    def image_url(self, path: Path) -> str:
-        """The URL Label Studio loads ``path`` (a file under the work dir) from."""
-        path = path.resolve()
+    def image_url(self, path: Path | str) -> str:
+        """The URL Label Studio loads ``path`` (a file under the work dir, or an object storage URI,
+        which a cloud storage of the project resolves) from."""
+        if "://" in str(path):
+            return str(path)
+        path = Path(path).resolve()
         if self.url_prefix:
             return f"{self.url_prefix.rstrip('/')}/{quote(path.relative_to(self.workdir).as_posix())}"
         try:
@@ -166,7 +169,7 @@ def label_studio_spec(names: tuple[str, ...], label_map: Mapping[str, int] | Non
     return LabelStudioSpec(label_names, colors, workdir.resolve(), url_prefix, root)
 
 
-def task_for(entry: Mapping[str, Any], image_path: Path, pre: np.ndarray | None, ignore_index: int,
+def task_for(entry: Mapping[str, Any], image_path: Path | str, pre: np.ndarray | None, ignore_index: int,
              spec: LabelStudioSpec, round_index: int, todo_path: Path | None = None) -> dict[str, Any]:
     """One Label Studio task of a task folder ``entry``: the image URL, the sample id and name, and
     the pre-annotation as brush predictions named by the label map."""

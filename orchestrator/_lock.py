@@ -32,7 +32,8 @@ class WorkdirLocked(ValueError):
 
 
 def holder(workdir: Path) -> dict[str, Any] | None:
-    """Who holds (or last held) the lock of ``workdir``, as written in its lock file."""
+    """Who holds the lock of ``workdir``, as written in its lock file (emptied on release, so a
+    refused command leaves the work dir's files as they were; a killed holder's text stays)."""
     try:
         data: dict[str, Any] = json.loads((workdir / LOCK_FILE).read_text())
         return data
@@ -85,5 +86,8 @@ def _release(key: str) -> None:
         return
     del _HELD[key]
     with contextlib.suppress(OSError):
+        fh.seek(0)
+        fh.truncate()
+        fh.flush()
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     fh.close()

@@ -21,7 +21,7 @@ import yaml
 from . import _faults, _label, _people, _pool, _score, _select, _start, _track, _train
 from ._config import Config, config_from_dict
 from ._context import Context
-from ._lock import WorkdirLocked, writing
+from ._lock import LOCK_FILE, WorkdirLocked, writing
 from ._progress import Display, PhaseMonitor
 from ._round import awaiting_labels
 from ._state import CONFIG_FILE, STATE_FILE, State
@@ -116,6 +116,7 @@ class ActiveLearningLoop:
             return self.ctx.state
         _start.check_config(self.ctx)  # nothing is written before the config is known to run
         existed = self.workdir.exists()
+        had_lock = (self.workdir / LOCK_FILE).exists()
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             with self._writing():
@@ -126,6 +127,8 @@ class ActiveLearningLoop:
         except BaseException:
             if not existed:  # a refused start leaves nothing behind
                 shutil.rmtree(self.workdir, ignore_errors=True)
+            elif not had_lock and not (self.workdir / STATE_FILE).exists():  # a folder of the user's: as it was
+                (self.workdir / LOCK_FILE).unlink(missing_ok=True)
             raise
         return self.ctx.state
 

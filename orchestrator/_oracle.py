@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import ClassVar
 
 import pandas as pd
@@ -24,8 +23,10 @@ class SimulatedOracle(Oracle):
     """Reveals the ground-truth masks the dataset already has (for benchmarks and the quickstart)."""
 
     def label(self, table: pd.DataFrame, sample_ids: list[str]) -> dict[str, str]:
+        from workers import path_exists
+
         rows = table.set_index(SAMPLE_ID).loc[sample_ids, MASK_PATH]
-        missing = [sid for sid, path in rows.items() if not isinstance(path, str) or not Path(path).is_file()]
+        missing = [sid for sid, path in rows.items() if not isinstance(path, str) or not path_exists(path)]
         if missing:
             raise FileNotFoundError(
                 f"the simulated oracle has no ground-truth mask for {len(missing)} selected samples, "

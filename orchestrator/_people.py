@@ -11,10 +11,10 @@ import numpy as np
 from . import _faults
 from ._context import Context
 from ._label_state import NEEDS_RELABEL, replace_masks
-from ._labeling import export_folder_tasks, mask_digest, read_answers, read_manifest, save_answers
+from ._labeling import export_folder_tasks, mask_digest, read_answers, read_manifest, save_answers, write_back
 from ._oracle import build_oracle
 from ._round import awaiting_labels, current_revision, round_table, unrecorded_revision
-from ._table import LABELED, MASK_PATH, SAMPLE_ID, SPLIT, TRAIN_SPLIT, WEIGHT, flag
+from ._table import IMAGE_PATH, LABELED, MASK_PATH, SAMPLE_ID, SPLIT, TRAIN_SPLIT, WEIGHT, flag
 
 
 def import_labels(ctx: Context, source: str | Path, task_dir: str | Path | None = None) -> dict[str, Any]:
@@ -49,6 +49,8 @@ def _import_relabel(ctx: Context, source: Path, task: Path, request: dict[str, A
     if not new:
         return report
     paths = save_answers(new, ctx.workdir / "labels" / f"relabel-{task.name}")
+    if ctx.config.data.write_back_masks:
+        write_back(new, df.set_index(SAMPLE_ID)[IMAGE_PATH].astype(str).to_dict())
     _faults.checkpoint("import:inside")  # mask files written, no revision yet
     replace_masks(df, df[SAMPLE_ID].isin(paths), paths)
     rev = unrecorded_revision(ctx, base, df) or ctx.store.write(

@@ -33,7 +33,7 @@ from ._table import IMAGE_PATH, LABELED, MASK_PATH, META_PREFIX, ROUND_LABELED, 
 log = logging.getLogger(__name__)
 
 
-def add_images(ctx: Context, folder: str | Path | None = None) -> dict[str, Any]:
+def add_images(ctx: Context, folder: str | Path | None = None) -> dict[str, Any]:  # noqa: C901
     """Add the images of ``folder`` (``images/`` and, optionally, ``masks/``, as a pool folder;
     default ``data.train_dir``, to pick up images dropped there) that the experiment does not hold.
 
@@ -51,7 +51,7 @@ def add_images(ctx: Context, folder: str | Path | None = None) -> dict[str, Any]
         if cfg.data.train_dir is None:
             raise ValueError("add-images: give the folder of new images (this experiment's pool is synthetic)")
         folder = cfg.data.train_dir
-    source = Path(folder).resolve()
+    source = str(folder).rstrip("/") if workers.is_uri(folder) else str(Path(folder).resolve())
     classes = ctx.classes()
     found_classes, records = workers.scan_folder_dataset(source, require_masks=False)
     if tuple(found_classes.names) != tuple(classes.names) or found_classes.ignore_index != classes.ignore_index:

@@ -115,9 +115,10 @@ def round_budget(cfg: Config, round_index: int, df: pd.DataFrame) -> tuple[float
 
 
 def labeled_regions(workdir: Path, before_round: int) -> pd.DataFrame:
-    """``[sample_id, region_id]`` of every region labeled in rounds 1 .. before_round - 1."""
+    """``[sample_id, region_id]`` of every region labeled in rounds 0 .. before_round - 1 (round 0:
+    the random regions of ``regions.initial_clicks``)."""
     frames = []
-    for k in range(1, before_round):
+    for k in range(0, before_round):
         path = workdir / "rounds" / f"round-{k:03d}" / LABELED_REGIONS_FILE
         if path.exists():
             frames.append(pd.read_parquet(path, columns=[rcol.SAMPLE_ID, rcol.REGION_ID]))
@@ -299,14 +300,43 @@ class RegionUnit:
             )
         return _label_result(select_info, rev, parent, records, records_file)
 
-    def _label_regions(self, ctx: Context, df: pd.DataFrame, regions: list[list[Any]],
-                       budget: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def initial_labels(self, ctx: Context, table: pd.DataFrame, classes: Any) -> tuple[pd.DataFrame, str] | None:
+        """``regions.initial_clicks``: random regions across the pool, labeled by the simulated
+        oracle until those clicks are spent (round 0); None without it (whole images, as usual).
+        Every pool image's region map is made first, in a Ray Data pass; regions are drawn
+        uniformly (each region as likely as any other), in a seeded order."""
+        cfg = ctx.config
+        clicks = cfg.regions.initial_clicks
+        if clicks is None:
+            return None
+        ctx.ray()
+        pool = table[table[SPLIT] == TRAIN_SPLIT]
+        folder = ctx.workdir / "rounds" / "round-000"
+        rows_file = folder / "region_images.parquet"
+        atomic_write(rows_file, lambda p: pool[[SAMPLE_ID, IMAGE_PATH]].astype(str).to_parquet(p, index=False))
+        sam, sam_id = _sam(cfg, ctx.workdir)
+        counts = workers.count_regions(str(rows_file), str(folder / "region_counts"), region_spec(cfg),
+                                       cache_uri(cfg, ctx.workdir), sam=sam, sam_checkpoint_id=sam_id,
+                                       num_workers=cfg.score.num_actors, cpus=cfg.score.cpus_per_actor)
+        counts = counts.sort_values(SAMPLE_ID, ignore_index=True)
+        pairs = [(str(sid), r) for sid, n in zip(counts[SAMPLE_ID], counts["num_regions"]) for r in range(int(n))]
+        rng = np.random.default_rng([cfg.experiment.seed, 0, 2])
+        queue = [list(pairs[i]) for i in rng.permutation(len(pairs))[: int(2 * clicks) + 16]]  # every region costs >= 1
+        df, records = self._label_regions(ctx, table, queue, float(clicks), round_index=0, classes=classes)
+        atomic_write(folder / LABELED_REGIONS_FILE, lambda p: records.to_parquet(p, index=False))
+        spent = float(records[rcol.CLICKS].sum()) if len(records) else 0.0
+        return df, (f"{len(records)} random regions in {records[rcol.SAMPLE_ID].nunique()} images, {spent:g} of "
+                    f"{clicks:g} clicks (regions.initial_clicks)")
+
+    def _label_regions(self, ctx: Context, df: pd.DataFrame, regions: list[list[Any]], budget: float,
+                       round_index: int | None = None, classes: Any = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(``df`` with the touched images' new partial masks and columns, the oracle's rows).
 
         The oracle works down the queue ``regions`` in rank order and labels what ``budget`` clicks
-        pay for at the regions' real cost (:func:`within_budget`)."""
-        state = ctx.round_state
-        classes = ctx.classes()
+        pay for at the regions' real cost (:func:`within_budget`). ``round_index`` defaults to the
+        round in progress, ``classes`` to the experiment's."""
+        round_index = ctx.round_state.round if round_index is None else round_index
+        classes = ctx.classes() if classes is None else classes
         region_maps = _region_maps(ctx)
         cost = cost_model(ctx.config)
         queue = [(str(sid), int(rid)) for sid, rid in regions]
@@ -322,17 +352,17 @@ class RegionUnit:
             trial = workers.label_regions(truth, region_map, ids, ignore_index=classes.ignore_index, cost=cost)
             real.update({(sid, int(r)): float(c) for r, c in zip(trial.rows[rcol.REGION_ID], trial.rows[rcol.CLICKS])})
         kept = within_budget(queue, real, budget)
-        log.info("round %d: the oracle labels %d of %d queued regions, %.1f of %.1f clicks", state.round, len(kept),
+        log.info("round %d: the oracle labels %d of %d queued regions, %.1f of %.1f clicks", round_index, len(kept),
                  len(queue), sum(real[k] for k in kept), budget)
         parts = []
         for sid, ids in _queue_by_image({"regions": kept}).items():
             truth, region_map, partial = inputs[sid]
             done = workers.label_regions(truth, region_map, ids, ignore_index=classes.ignore_index, cost=cost,
                                          partial=partial)
-            path = partial_mask_path(ctx.workdir, state.round, sid)
+            path = partial_mask_path(ctx.workdir, round_index, sid)
             workers.write_mask(path, done.mask)
-            _grow_partial(df, df.index[int(position[sid])], state.round, path, done, classes.ignore_index, ctx.config)
-            parts.append(done.rows.assign(**{rcol.SAMPLE_ID: sid, "round": state.round}))
+            _grow_partial(df, df.index[int(position[sid])], round_index, path, done, classes.ignore_index, ctx.config)
+            parts.append(done.rows.assign(**{rcol.SAMPLE_ID: sid, "round": round_index}))
         if parts:
             records = pd.concat(parts, ignore_index=True)
             records = _in_rank_order(records, kept)

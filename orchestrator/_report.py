@@ -39,7 +39,7 @@ def dataset_id(cfg: Config) -> str:
         s = d.synthetic
         return f"synthetic:{s.num_train}+{s.num_val}:{s.height}x{s.width}:seed{s.seed}"
     assert d.train_dir is not None
-    return f"folder:{Path(d.train_dir).resolve()}"
+    return f"folder:{d.train_dir if workers.is_uri(d.train_dir) else Path(d.train_dir).resolve()}"
 
 
 def experiment_tags(cfg: Config) -> dict[str, str]:

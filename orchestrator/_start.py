@@ -32,7 +32,7 @@ from ._context import Context
 from ._label_state import holdout_share, mark_labeled
 from ._labelstudio import label_studio_spec
 from ._oracle import build_oracle
-from ._state import CONFIG_FILE, UNREADABLE_FILE, State
+from ._state import CONFIG_FILE, POOL_CLASSES_FILE, UNREADABLE_FILE, State
 from ._table import (
     IMAGE_PATH,
     LABELED,
@@ -97,29 +97,36 @@ def start(ctx: Context) -> State:
     if cfg.oracle.kind == "label-studio":  # every class has a name people will see, before any work
         label_studio_spec(tuple(classes.names), cfg.oracle.label_map, ctx.workdir, cfg.oracle.image_root_url,
                           cfg.oracle.local_files_root)
-    table, unreadable = inspect(ctx, table, classes, labels)
+    table, unreadable, class_pixels = inspect(ctx, table, classes)
+    table = ctx.unit.prepare_table(new_cost_columns(table))
     pool = table[SPLIT] == TRAIN_SPLIT
-    if labels:  # the seed set: every pool image with a mask
-        chosen = pool & table[MASK_PATH].notna()
-        how = f"{int(chosen.sum())} seed masks from {cfg.data.train_dir}/masks" if chosen.any() else "nothing"
+    unit_labels = None if labels else ctx.unit.initial_labels(ctx, table, classes)
+    if unit_labels is not None:  # the unit's own protocol (random regions)
+        table, how = unit_labels
+        seeds: list[str] = []
     else:
-        n_train = int(pool.sum())
-        if cfg.loop.initial_labeled > n_train:
-            raise ValueError(f"loop.initial_labeled: {cfg.loop.initial_labeled} exceeds the {n_train} train samples")
-        initial = initial_set(ctx, table)
-        chosen = table[SAMPLE_ID].isin(initial[SAMPLE_ID])
-        check_masks(table[chosen], classes)
-        how = f"{len(initial)} {'random' if cfg.loop.initial_strategy == 'random' else 'cold-start (colour features, k-center)'} samples"
-    seeds = table[SAMPLE_ID][chosen].tolist()
-    mark_labeled(table, chosen, round_index=0, config=cfg)
+        if labels:  # the seed set: every pool image with a mask
+            chosen = pool & table[MASK_PATH].notna()
+            how = f"{int(chosen.sum())} seed masks from {cfg.data.train_dir}/masks" if chosen.any() else "nothing"
+        else:
+            n_train = int(pool.sum())
+            if cfg.loop.initial_labeled > n_train:
+                raise ValueError(f"loop.initial_labeled: {cfg.loop.initial_labeled} exceeds the {n_train} train samples")
+            initial = initial_set(ctx, table)
+            chosen = table[SAMPLE_ID].isin(initial[SAMPLE_ID])
+            check_masks(table[chosen], classes)
+            kind = "random" if cfg.loop.initial_strategy == "random" else "cold-start (colour features, k-center)"
+            how = f"{len(initial)} {kind} samples"
+        seeds = table[SAMPLE_ID][chosen].tolist()
+        mark_labeled(table, chosen, round_index=0, config=cfg)
+        table = charge_images(table, table[SAMPLE_ID].isin(seeds), classes, cfg)  # clicks of the labels it starts with
     seed_round = labels and not seeds  # nothing labeled: people label loop.initial_labeled images first
     check_split(ctx, table, seed_round)
-    table = new_cost_columns(table)
-    table = charge_images(table, table[SAMPLE_ID].isin(seeds), classes, cfg)  # clicks of the labels it starts with
-    table = ctx.unit.prepare_table(table)
     atomic_write_text(ctx.workdir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     atomic_write_json(ctx.workdir / "classes.json", {"classes": list(classes.names), "ignore_index": classes.ignore_index})
     atomic_write_json(ctx.workdir / POOL_FILE, {"masks": "labels" if labels else "ground_truth"})
+    if not labels:
+        atomic_write_json(ctx.workdir / POOL_CLASSES_FILE, pool_class_rates(table, class_pixels, classes))
     if len(unreadable):
         atomic_write(ctx.workdir / UNREADABLE_FILE, lambda p: unreadable.to_csv(p, index=False))
     held = int(((table[SPLIT] == VAL_SPLIT) & (table[ROUND_LABELED] == 0)).sum())
@@ -176,14 +183,15 @@ def check_split(ctx: Context, table: pd.DataFrame, seed_round: bool) -> None:
                          "leaving nothing to train on; lower it or label more images")
 
 
-def inspect(ctx: Context, table: pd.DataFrame, classes: Any, labels: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every image decoded once in a Ray Data pass (``workers.inspect_images``), with the masks that
-    are labels (seed and validation masks) checked against their images: the table with
-    ``image_sha256``, and the pool images left out as unreadable (``data.skip_unreadable``). A bad
-    validation image, a bad label mask or, without ``skip_unreadable``, a bad pool image is an error
-    naming the file and how many more there are."""
+def inspect(ctx: Context, table: pd.DataFrame, classes: Any) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Every image decoded once in a Ray Data pass (``workers.inspect_images``), with every mask
+    checked against its image (seed, hidden ground truth and validation masks): the table with
+    ``image_sha256``, the pool images left out as unreadable (``data.skip_unreadable``) and the
+    pixels of each class in each kept row's mask (int64 ``[rows, classes]``, zeros without a mask).
+    A bad validation image, a bad mask or, without ``skip_unreadable``, a bad pool image is an
+    error naming the file and how many more there are."""
     ctx.ray()
-    check = (table[SPLIT] == VAL_SPLIT) | (labels & table[MASK_PATH].notna())
+    check = (table[SPLIT] == VAL_SPLIT) | table[MASK_PATH].notna()
     rows = pd.DataFrame({SAMPLE_ID: table[SAMPLE_ID], IMAGE_PATH: table[IMAGE_PATH].astype(str),
                          MASK_PATH: np.where(check, table[MASK_PATH].fillna("").astype(str), "")})
     folder = ctx.workdir / INVENTORY_DIR
@@ -218,7 +226,18 @@ def inspect(ctx: Context, table: pd.DataFrame, classes: Any, labels: bool) -> tu
     table = table.assign(**{IMAGE_SHA256: found["image_sha256"].to_numpy()})[~unreadable_rows].reset_index(drop=True)
     if not (table[SPLIT] == TRAIN_SPLIT).any():
         raise ValueError("the train split is empty: every image of data.train_dir is unreadable")
-    return table, unreadable
+    counts = np.zeros((len(table), classes.num_classes), dtype=np.int64)
+    for i, text in enumerate(found["mask_class_pixels"].fillna("").to_numpy()[~unreadable_rows]):
+        if text:
+            counts[i] = np.asarray(str(text).split(","), dtype=np.int64)
+    return table, unreadable, counts
+
+
+def pool_class_rates(table: pd.DataFrame, counts: np.ndarray, classes: Any) -> dict[str, Any]:
+    """``POOL_CLASSES_FILE``'s content: per class, the pool images holding it and its pixels."""
+    pool = (table[SPLIT] == TRAIN_SPLIT).to_numpy() & table[MASK_PATH].notna().to_numpy()
+    return {"classes": list(classes.names), "num_images": int(pool.sum()),
+            "images": [int(v) for v in (counts[pool] > 0).sum(0)], "pixels": [int(v) for v in counts[pool].sum(0)]}
 
 
 def unsaved_start(ctx: Context, table: pd.DataFrame) -> str | None:

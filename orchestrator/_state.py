@@ -13,6 +13,9 @@ SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 """The config the experiment was started with (``resume`` reuses it)."""
+POOL_CLASSES_FILE = "pool_classes.json"
+"""With hidden ground truth (benchmarks): how many pool images hold each class, and its pixels: what
+random selection would take, against which each round's labeled set is compared."""
 UNREADABLE_FILE = "unreadable.csv"
 """Train images left out because they do not decode (``data.skip_unreadable``): sample_id, image_path, error."""
 PHASES = ("train", "score", "select", "label", "track")

@@ -19,7 +19,7 @@ from . import _report as report
 from ._atomic import atomic_write_json
 from ._clicks import click_metrics, round_extra
 from ._context import Context
-from ._state import UNREADABLE_FILE, State
+from ._state import POOL_CLASSES_FILE, UNREADABLE_FILE, State
 from ._table import SAMPLE_ID
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,9 @@ def run(ctx: Context) -> dict[str, Any]:
         metrics |= {"relabeled": float(len(label["relabeled"])),
                     "relabel_masks_changed": float(len(label["relabel_changed"]))}
     metrics |= sam_metrics
-    tracker.log(child, params=report.round_params(cfg, state.round, label["revision"], label["parent"]) | sam_params,
-                metrics=metrics, step=state.round)
+    used = loss_used(train)
+    tracker.log(child, params=report.round_params(cfg, state.round, label["revision"], label["parent"]) | sam_params
+                | ({"loss_used": used} if used else {}), metrics=metrics, step=state.round)
     _faults.checkpoint("track:inside")  # the round's child run exists, not finished
     for epoch in train["history"]:
         tracker.log(child, metrics={"epoch_val_miou": epoch["val_miou"], "epoch_train_loss": epoch["train_loss"]},
@@ -139,18 +140,46 @@ def run(ctx: Context) -> dict[str, Any]:
     }, step=state.round)
     curve_files = [p for p in (*artifacts.figures, *artifacts.tables) if p.stem == "learning_curve"]
     tracker.log_artifacts(state.parent_run_id, curve_files)
-    return {"child_run_id": child, "metrics": metrics, "learning_curve_auc": auc, "warnings": warnings}
+    return {"child_run_id": child, "metrics": metrics, "learning_curve_auc": auc, "warnings": warnings,
+            "loss_used": used}
 
 
 MIN_VAL_IMAGES = 10
 """Fewer validation images than this make the round's mIoU a noisy figure: the round says so."""
 
 
+def loss_used(train: dict[str, Any]) -> str:
+    """The loss the round trained with, and why, in words (``workers._losses.choose_loss``)."""
+    choice = train.get("loss_choice") or {}
+    if not choice:
+        return ""
+    text = f"{choice['loss']}, class weights {choice['class_weights']}"
+    if choice.get("recipe") == "imbalance":
+        text += (f" (the rare-class recipe: class {choice['rarest_class']} holds "
+                 f"{100 * float(choice['rarest_share']):.2f}% of the labeled pixels)")
+    return text
+
+
+def never_predicted(train: dict[str, Any], names: Any) -> list[str]:
+    """Classes in the validation masks that the round's model never predicted (confusion rows = truth)."""
+    cm = np.asarray(train.get("val_confusion") or [], dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != len(names):
+        return []
+    return [str(names[c]) for c in range(len(names)) if cm[c].sum() > 0 and cm[:, c].sum() == 0]
+
+
 def round_warnings(ctx: Context) -> list[str]:
-    """What a reader of the round's numbers must know: too few validation images for a meaningful
-    mIoU (logged, in the round's result and as the MLflow tag ``shoal.warnings``)."""
+    """What a reader of the round's numbers must know: a class in the validation masks the model
+    never predicts, too few validation images for a meaningful mIoU (in the round's result, printed
+    under its line, and the MLflow tag ``shoal.warnings``)."""
     out = []
-    val = int(ctx.round_state.round_info["train"].get("val_images", MIN_VAL_IMAGES))
+    train = ctx.round_state.round_info["train"]
+    missing = never_predicted(train, ctx.classes().names)
+    if missing:
+        out.append(f"class{'es' if len(missing) > 1 else ''} {', '.join(missing)} in the validation masks "
+                   f"{'are' if len(missing) > 1 else 'is'} never predicted by this round's model (recall 0): "
+                   "more labeled examples of it, or a rare-class recipe (train.loss.imbalance)")
+    val = int(train.get("val_images", MIN_VAL_IMAGES))
     if val < MIN_VAL_IMAGES:
         data = ctx.config.data
         held = ("data.synthetic.num_val" if data.kind == "synthetic" else "data.val_dir" if data.val_dir
@@ -195,14 +224,43 @@ def round_metrics(ctx: Context, labeled_after: int, pixels: pd.DataFrame | None 
         metrics["pool_uncertainty_mean"] = float(info["score"]["pool_uncertainty_mean"])
     for name, iou in zip(names, train["val_iou_per_class"]):
         metrics[f"val_iou_{name}"] = iou
+    for name, recall in zip(names, train.get("val_recall_per_class") or []):
+        metrics[f"val_recall_{name}"] = float(recall)
     for name, dice in zip(names, report.dice_per_class(train, len(names))):
         metrics[f"val_dice_{name}"] = dice
     if pixels is not None:
         for name in names:
             metrics[f"labeled_pixels_{name}"] = float(pixels[f"{report.PIXELS_PREFIX}{name}"].sum())
+        metrics |= class_discovery(ctx, pixels, names)
     label = info["label"]  # labeled_clicks, round_clicks, ...
     metrics |= click_metrics(ctx.read(label["revision"]), ctx.read(label["parent"]))
     return metrics
+
+
+def class_discovery(ctx: Context, pixels: pd.DataFrame, names: Any) -> dict[str, float]:
+    """Rare-class discovery: ``labeled_images_<class>``, the labeled train images holding the class;
+    with hidden ground truth (``pool_classes.json``) also ``random_images_<class>``, what random
+    selection of as many images would hold on average (the pool rate times the labeled count)."""
+    out = {f"labeled_images_{name}": float((pixels[f"{report.PIXELS_PREFIX}{name}"] > 0).sum()) for name in names}
+    path = ctx.workdir / POOL_CLASSES_FILE
+    if path.exists():
+        pool = json.loads(path.read_text())
+        if pool.get("classes") == list(names) and pool.get("num_images"):
+            for name, held in zip(names, pool["images"]):
+                out[f"random_images_{name}"] = len(pixels) * float(held) / float(pool["num_images"])
+    return out
+
+
+def discovery_line(metrics: dict[str, Any], names: Any, top: int = 2) -> str:
+    """The console's rare-class line: the ``top`` classes in the fewest pool images, labeled images
+    against random's expectation; "" without hidden ground truth."""
+    rows = [(metrics[f"random_images_{n}"], n) for n in names if f"random_images_{n}" in metrics]
+    rows = [r for r in rows if r[0] > 0]
+    if not rows:
+        return ""
+    rare = sorted(rows)[:top]
+    return ", ".join(f"{n} in {metrics[f'labeled_images_{n}']:.0f} labeled images (random: {expected:.1f})"
+                     for expected, n in rare)
 
 
 def stop_decision(ctx: Context, pool_left: int) -> str | None:
@@ -231,13 +289,16 @@ def finish_round(ctx: Context) -> None:
     # The track phase computed them (with the labeled pixels); rounds tracked before it did not.
     metrics = info["track"].get("metrics") or round_metrics(ctx, labeled_after)
     timings = {p: float(info[p]["seconds"]) for p in ("train", "score", "select", "label", "track")}
+    rare = discovery_line(metrics, ctx.classes().names)
     result = RoundResult(
         round=state.round, added=list(info["label"]["added"]), trained_on=int(info["train"]["trained_on"]),
         labeled_count=labeled_after, metrics=metrics, timings=timings, revision=info["label"]["revision"],
         strategy=cfg.loop.strategy, extra={"child_run_id": info["track"]["child_run_id"],
                                            "pool_uncertainty_mean": info["score"].get("pool_uncertainty_mean"),
                                            **round_extra(metrics),
-                                           **({"warnings": info["track"]["warnings"]} if info["track"].get("warnings") else {})},
+                                           **({"warnings": info["track"]["warnings"]} if info["track"].get("warnings") else {}),
+                                           **({"loss_used": info["track"]["loss_used"]} if info["track"].get("loss_used") else {}),
+                                           **({"rare_classes": rare} if rare else {})},
     )
     state.history.append(asdict(result))
     state.revision = info["label"]["revision"]

@@ -55,9 +55,11 @@ class Requirements:
 
 @dataclass(frozen=True)
 class Pool:
-    """One selection problem, every frame in ``sample_id`` order with a 0..n-1 index.
+    """One selection problem, every frame with a 0..n-1 index.
 
-    candidates: the unlabeled rows (the only selectable ones); a "position" is a row number here.
+    candidates: the unlabeled rows (the only selectable ones) in a seeded random order fixed by the
+        table's content and the generator's seed (ties among them fall to it); a "position" is a
+        row number here.
     labeled: the labeled rows, context for diversity and class balance (may be empty).
     candidate_embeddings / labeled_embeddings: float32 ``[n, D]`` / ``[m, D]`` rows aligned with the
         frames, or None when the strategy declares no embeddings.
@@ -141,6 +143,12 @@ def as_priority(values: Any, n: int, who: str) -> np.ndarray:
     if priority.shape != (n,):
         raise AssertionError(f"{who}: priority shape {priority.shape} != ({n},)")
     return np.where(np.isnan(priority), -np.inf, priority)
+
+
+def tie_order(rng: np.random.Generator) -> np.random.Generator:
+    """A generator for the order ties fall in, derived from ``rng`` without drawing from it (so a
+    strategy's own draws are those it would make anyway): the same for the same seed."""
+    return rng.spawn(1)[0]
 
 
 def descending_order(key: np.ndarray) -> np.ndarray:
@@ -262,14 +270,15 @@ class Strategy(ABC):
     def _run(
         self, table: pd.DataFrame, budget: int, rng: np.random.Generator, embeddings: np.ndarray | None
     ) -> tuple[Pool, Ranking, np.ndarray]:
-        pool = self._pool(table, budget, embeddings)
+        pool = self._pool(table, budget, embeddings, tie_order(rng))
         ranking = self.rank(pool, budget, rng)
         head = np.asarray(ranking.head[:budget], dtype=np.int64)
         if len(head) != budget or len(np.unique(head)) != budget:
             raise AssertionError(f"{self.name}: ranking head {head} is not {budget} distinct positions")
         return pool, ranking, head
 
-    def _pool(self, table: pd.DataFrame, budget: int, embeddings: np.ndarray | None) -> Pool:
+    def _pool(self, table: pd.DataFrame, budget: int, embeddings: np.ndarray | None,
+              shuffle: np.random.Generator | None = None) -> Pool:
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
             raise ValueError(f"budget must be a positive number of samples, got {budget!r}")
         req = self.requirements()
@@ -308,10 +317,16 @@ class Strategy(ABC):
         n_candidates = len(frame) - int(labeled.sum())
         if budget > n_candidates:
             raise ValueError(f"budget of {budget} samples exceeds the {n_candidates} unlabeled samples left")
-        # Row numbers of the candidates and the labeled rows, each in sample_id order.
+        # Row numbers of the candidates and the labeled rows, each in sample_id order; then the
+        # candidates in a seeded random order (``shuffle``), so that ties (an untrained model, equal
+        # scores) fall to a neutral draw, not to the ids first in the alphabet (the oldest survey,
+        # the first camera). Both orders are fixed by the content, so the result is too.
         order = np.arange(len(frame)) if perm is None else perm
         in_order = labeled[order]
         cand_rows, lab_rows = order[~in_order], order[in_order]
+        if shuffle is not None and len(cand_rows) > 1:
+            cand_rows = cand_rows[shuffle.permutation(len(cand_rows))]
+            perm = cand_rows  # no longer the table's own order
         if perm is None and n_candidates == len(frame):
             candidates = frame.reset_index(drop=True)
         else:

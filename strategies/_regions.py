@@ -24,7 +24,7 @@ import pandas as pd
 
 from . import _region_columns as rcol
 from ._base import REGISTRY as IMAGE_REGISTRY
-from ._base import Requirements, as_priority, descending_order
+from ._base import Requirements, as_priority, descending_order, tie_order
 from ._registry import Registry
 
 __all__ = [
@@ -83,6 +83,8 @@ class RegionStrategy(ABC):
             raise ValueError(f"budget must be a positive number of clicks, got {budget!r}")
         budget = float(budget)
         candidates = self._candidates(table)
+        if len(candidates) > 1:  # ties (equal priority per click) fall to a seeded draw, not to id order
+            candidates = candidates.take(tie_order(rng).permutation(len(candidates))).reset_index(drop=True)
         n = len(candidates)
         cost = candidates[rcol.COST_CLICKS].to_numpy(np.float64)
         priority = as_priority(self.priority(candidates, rng), n, self.name)

@@ -197,10 +197,14 @@ def group_limit(group: dict[str, Any], resource: str) -> float:
     return quantity(limits.get(resource, 0))
 
 
-def the_rayjob() -> Doc:
+RAYJOBS = ("shoal-camvid", "shoal-camvid-s3")
+"""The data on the shared volume, and the pool in the MinIO bucket."""
+
+
+def the_rayjob(name: str = "shoal-camvid") -> Doc:
     jobs = [d for d in DOCS if d.kind == "RayJob"]
-    assert len(jobs) == 1, f"expected one RayJob under deploy/, found {[d.id for d in jobs]}"
-    return jobs[0]
+    assert sorted(d.body["metadata"]["name"] for d in jobs) == sorted(RAYJOBS), [d.id for d in jobs]
+    return next(d for d in jobs if d.body["metadata"]["name"] == name)
 
 
 def entrypoint_args(doc: Doc) -> Any:
@@ -417,8 +421,9 @@ def test_shared_volume_is_mounted_on_head_and_workers(doc: Doc) -> None:
         assert "ReadWriteMany" in claims[claim]["accessModes"], f"{doc.id}: PVC {claim} must be ReadWriteMany"
 
 
-def test_rayjob_lifecycle() -> None:
-    job = the_rayjob()
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_lifecycle(name: str) -> None:
+    job = the_rayjob(name)
     spec = job.body["spec"]
     assert spec.get("shutdownAfterJobFinishes") is True, f"{job.id}: shutdownAfterJobFinishes"
     assert isinstance(spec.get("ttlSecondsAfterFinished"), int) and spec["ttlSecondsAfterFinished"] >= 0, job.id
@@ -435,8 +440,9 @@ def test_rayjob_lifecycle() -> None:
             assert any(op == "COPY" and arg.split()[0] == "configs" for op, arg in dockerfile), "configs/ not in image"
 
 
-def test_rayjob_entrypoint_is_a_real_shoal_command() -> None:
-    job = the_rayjob()
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_entrypoint_is_a_real_shoal_command(name: str) -> None:
+    job = the_rayjob(name)
     args = entrypoint_args(job)
     assert args.command == "run", f"{job.id}: expected `shoal run`, got {args.command}"
     config = PurePosixPath(args.config)
@@ -448,8 +454,11 @@ def test_rayjob_entrypoint_is_a_real_shoal_command() -> None:
     cfg = load_config(ROOT / config, args.set or [])
     if cfg.data.kind == "folder":
         for key in ("train_dir", "val_dir"):
-            value = PurePosixPath(str(getattr(cfg.data, key)))
-            assert value.is_relative_to(SHARED_MOUNT), f"{job.id}: data.{key} {value} is not on {SHARED_MOUNT}"
+            value = str(getattr(cfg.data, key))
+            if value.startswith("s3://"):  # read from the bucket with the shoal-s3 Secret's credentials
+                assert s3_credentials_on_every_ray_container(job), f"{job.id}: data.{key} {value} needs credentials"
+                continue
+            assert PurePosixPath(value).is_relative_to(SHARED_MOUNT), f"{job.id}: data.{key} {value} is not on {SHARED_MOUNT}"
 
     uri = urlsplit(str(cfg.tracking.tracking_uri))
     assert uri.scheme == "http" and uri.hostname and uri.port, f"{job.id}: tracking_uri {cfg.tracking.tracking_uri}"
@@ -458,10 +467,24 @@ def test_rayjob_entrypoint_is_a_real_shoal_command() -> None:
     assert (match[2], match[1]) in services() and uri.port in services()[(match[2], match[1])], uri.geturl()
 
 
-def test_rayjob_cluster_can_hold_the_training_it_starts() -> None:
+def s3_credentials_on_every_ray_container(job: Doc) -> bool:
+    """The AWS SDK's variables from the shoal-s3 Secret on the head (the driver) and every worker."""
+    cluster = job.body["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster.get("workerGroupSpecs", []))]
+    wanted = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") for e in container.get("env", [])}
+            if not wanted <= set(env) or {env[k] for k in wanted} != {"shoal-s3"}:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_cluster_can_hold_the_training_it_starts(name: str) -> None:
     """Mirrors workers/_train.py::_check_resources, which refuses training the cluster cannot hold *now*:
     the pods the RayJob's cluster starts with (minReplicas) must carry the workers the entrypoint asks for."""
-    job = the_rayjob()
+    job = the_rayjob(name)
     args = entrypoint_args(job)
     cfg = load_config(ROOT / args.config, args.set or [])
     cluster = job.body["spec"]["rayClusterSpec"]

@@ -58,7 +58,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken
         assert holder(workdir)["pid"] == os.getpid() and holder(workdir)["command"] == "shoal edit (test)"
         with writing(workdir):  # re-entrant within one process
             pass
-    assert (workdir / LOCK_FILE).exists()
+    assert (workdir / LOCK_FILE).exists() and holder(workdir) is None  # released: no holder named
 
 
 @pytest.mark.slow

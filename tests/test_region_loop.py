@@ -185,3 +185,27 @@ def test_image_runs_are_charged_in_clicks_from_the_same_initial_set(tmp_path: Pa
 def test_region_config_errors_name_the_key(sections: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         config_from_dict(tiny_config(**sections))
+
+
+def test_the_region_protocol_starts_from_random_regions_not_whole_images(tmp_path: Path, ray_cluster: None) -> None:
+    """``regions.initial_clicks``: round 0 labels random regions across the pool worth those clicks
+    (at their real cost, by the simulated oracle), no whole image; the rounds' click budgets start
+    after them."""
+    settings = {**REGION, "regions": {**REGION["regions"], "initial_clicks": 30.0}, "loop": {**REGION["loop"], "rounds": 1}}
+    loop = ActiveLearningLoop(config_from_dict(tiny_config(**settings)), tmp_path / "work")
+    state = loop.start()
+    first = loop.store.read(state.revision)
+    labeled = first[first.labeled]
+    assert len(labeled) > 1 and labeled.partial.all()  # regions only: every labeled image holds a part
+    records = _records(loop.workdir, 0)
+    assert 0 < records.clicks.sum() <= 30.0 + 1e-9 and (records["round"] == 0).all()
+    assert labeled.clicks.sum() == pytest.approx(records.clicks.sum())
+    assert set(records.sample_id) == set(labeled.sample_id)
+    assert "random regions" in loop.store.info(state.revision).comment
+    by_image = records.groupby("sample_id").size()
+    assert by_image.max() < 10  # spread over the pool, not one image's regions in a row
+    [result] = loop.run()
+    round_records = _records(loop.workdir, 1)
+    assert 0 < round_records.clicks.sum() <= BUDGET + 1e-9  # the round's own budget, the initial clicks aside
+    assert not set(zip(round_records.sample_id, round_records.region_id)) & set(zip(records.sample_id, records.region_id))
+    assert result.metrics["labeled_clicks"] == pytest.approx(records.clicks.sum() + round_records.clicks.sum())

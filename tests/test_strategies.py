@@ -250,3 +250,47 @@ def test_strategies_import_neither_torch_nor_ray() -> None:
     code = "import sys, strategies; print(any(m in sys.modules for m in ('torch', 'ray', 'mlflow')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- ties: a seeded draw, never the alphabet ----------------------------------------------------------
+
+
+def tied_table(n: int = 60) -> pd.DataFrame:
+    """What an untrained or collapsed model gives: every image scored the same (100% background)."""
+    table = score_table(n, labeled_every=n + 1)
+    for name in table.columns:
+        if name not in ("sample_id", "labeled") and pd.api.types.is_float_dtype(table[name]):
+            table[name] = 0.5
+    for c in range(NUM_CLASSES):
+        table[columns.class_fraction_column(c)] = 1.0 if c == 0 else 0.0
+    return table
+
+
+def select_tied(name: str, table: pd.DataFrame, budget: int, seed: int) -> list[str]:
+    strategy = build_strategy(name)
+    emb = np.ones((len(table), EMBEDDING_DIM), np.float32) if strategy.requirements().embeddings else None
+    return strategy.select(table, budget, np.random.default_rng(seed), embeddings=emb)
+
+
+@pytest.mark.parametrize("name", strategy_names())
+def test_ties_fall_to_a_seeded_draw_not_to_the_first_ids(name: str) -> None:
+    table = tied_table()
+    first = sorted(table.sample_id)[:10]
+    picks = [select_tied(name, table, 10, seed) for seed in range(4)]
+    assert all(p == select_tied(name, table, 10, seed) for seed, p in enumerate(picks))  # the same for a seed
+    shuffled = table.sample(frac=1.0, random_state=3)
+    assert select_tied(name, shuffled, 10, 2) == picks[2]  # whatever the table's row order
+    assert sum(sorted(p) == first for p in picks) == 0, f"{name} took the alphabetically first ids"
+    assert len({tuple(sorted(p)) for p in picks}) > 1  # other seeds, other draws
+
+
+def test_region_ties_fall_to_a_seeded_draw() -> None:
+    rows = pd.DataFrame({"sample_id": np.repeat([f"img{i:02d}" for i in range(10)], 5),
+                         "region_id": np.tile(np.arange(5), 10), "cost_clicks": 1.0,
+                         strategies.region_columns.ENTROPY_MEAN: 0.3})
+    strategy = strategies.build_region_strategy("region_uncertainty")
+    picks = [strategy.select(rows, 8, np.random.default_rng(seed)) for seed in range(3)]
+    first = rows.iloc[:8][["sample_id", "region_id"]].to_numpy().tolist()
+    assert all(p[["sample_id", "region_id"]].to_numpy().tolist() != first for p in picks)
+    again = strategy.select(rows.sample(frac=1.0, random_state=1), 8, np.random.default_rng(1))
+    assert again.equals(picks[1])

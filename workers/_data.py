@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from . import _io
+
 __all__ = [
     "SYNTHETIC_CLASSES",
     "ClassInfo",
@@ -124,16 +126,16 @@ def read_classes(root: str | Path) -> ClassInfo:
     The file is ``{"classes": ["sky", "building", ...], "ignore_index": 255}``; class ids are
     positions in the list. Both fields are required.
     """
-    root = Path(os.path.abspath(root))
-    candidates = [root / CLASSES_FILE, root.parent / CLASSES_FILE]
-    path = next((p for p in candidates if p.is_file()), None)
+    base = str(root) if _io.is_uri(root) else os.path.abspath(root)
+    candidates = [_io.join(base, CLASSES_FILE), _io.join(_io.parent(base), CLASSES_FILE)]
+    path = next((p for p in candidates if _io.exists(p)), None)
     if path is None:
         raise FileNotFoundError(
             f"no {CLASSES_FILE} found; tried {candidates[0]} and {candidates[1]}. Write one as "
             '{"classes": ["name0", "name1", ...], "ignore_index": 255}'
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_io.read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     fields = data if isinstance(data, dict) else {}
@@ -156,27 +158,26 @@ def read_classes(root: str | Path) -> ClassInfo:
 # Folder datasets
 
 
-def _list_files(folder: Path, extensions: frozenset[str], kind: str) -> dict[str, str]:
-    """Map stem -> absolute path for the files in ``folder`` with one of ``extensions``.
+def _list_files(folder: str, extensions: frozenset[str], kind: str) -> dict[str, str]:
+    """Map stem -> absolute path (or URI) for the files in ``folder`` with one of ``extensions``.
 
-    Uses ``os.scandir`` (no stat per file on most filesystems): folders hold millions of files.
+    Names only: ``os.scandir`` locally (no stat per file on most filesystems), one listing of the
+    prefix in a bucket; folders hold millions of files.
     """
     by_stem: dict[str, str] = {}
     skipped = 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            name = entry.name
-            stem, ext = os.path.splitext(name)
-            # Dotfiles (.DS_Store, macOS ._a.png resource forks) are never samples.
-            if name.startswith(".") or ext.lower() not in extensions or not entry.is_file():
-                skipped += 1
-                continue
-            if stem in by_stem:
-                raise ValueError(
-                    f"{folder}: two {kind} files share the stem '{stem}': "
-                    f"{os.path.basename(by_stem[stem])} and {name}; sample ids must be unique"
-                )
-            by_stem[stem] = os.path.join(folder, name)
+    for name in _io.list_files(folder):
+        stem, ext = os.path.splitext(name)
+        # Dotfiles (.DS_Store, macOS ._a.png resource forks) are never samples.
+        if name.startswith(".") or ext.lower() not in extensions:
+            skipped += 1
+            continue
+        if stem in by_stem:
+            raise ValueError(
+                f"{folder}: two {kind} files share the stem '{stem}': "
+                f"{_io.name(by_stem[stem])} and {name}; sample ids must be unique"
+            )
+        by_stem[stem] = _io.join(folder, name)
     if skipped:
         logger.warning(
             "%s: skipped %d entries that are not %s files (%s)",
@@ -205,10 +206,12 @@ def _parse_value(text: str) -> str | int | float:
         return text
 
 
-def _read_metadata(path: Path, stems: set[str]) -> dict[str, Metadata]:
+def _read_metadata(path: str, stems: set[str]) -> dict[str, Metadata]:
     """Read ``metadata.csv``: a ``sample_id`` column, every other column a metadata field."""
+    import io
+
     out: dict[str, Metadata] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
+    with io.StringIO(_io.read_bytes(path).decode("utf-8"), newline="") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
         if "sample_id" not in columns:
@@ -241,9 +244,9 @@ def scan_folder_dataset(
     mask (or a missing ``masks/`` folder) give records with ``mask_path=None``; a mask without an
     image is always an error. Returns the classes and the records sorted by ``sample_id``.
     """
-    root = Path(os.path.abspath(root))
-    images_dir, masks_dir = root / "images", root / "masks"
-    if not images_dir.is_dir():
+    root = str(root).rstrip("/") if _io.is_uri(root) else os.path.abspath(root)
+    images_dir, masks_dir = _io.join(root, "images"), _io.join(root, "masks")
+    if not _io.is_dir(images_dir):
         raise FileNotFoundError(
             f"{images_dir}: no images/ folder (expected root/images, root/masks)"
         )
@@ -253,7 +256,7 @@ def scan_folder_dataset(
         raise ValueError(
             f"{images_dir}: no images (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
-    if masks_dir.is_dir():
+    if _io.is_dir(masks_dir):
         masks = _list_files(masks_dir, MASK_EXTENSIONS, "mask")
     elif require_masks:
         raise FileNotFoundError(
@@ -273,8 +276,8 @@ def scan_folder_dataset(
                 f"{images_dir}: images without a mask in {masks_dir}, {_name_some(missing)}; "
                 "pass require_masks=False for an unlabeled pool"
             )
-    metadata_path = root / METADATA_FILE
-    metadata = _read_metadata(metadata_path, set(images)) if metadata_path.is_file() else {}
+    metadata_path = _io.join(root, METADATA_FILE)
+    metadata = _read_metadata(metadata_path, set(images)) if _io.exists(metadata_path) else {}
     records = [
         DatasetRecord(
             sample_id=stem,
@@ -298,10 +301,11 @@ def scan_folder_dataset(
 # Decoding (runs in workers)
 
 
-def _decode(path: str, kind: str) -> np.ndarray:
-    """Decode ``path`` as stored (any depth and channel count), or raise ValueError."""
+def _decode(path: str, kind: str, data: bytes | None = None) -> np.ndarray:
+    """Decode ``path`` (a local path or a URI; or ``data``, its bytes, already read) as stored (any
+    depth and channel count), or raise ValueError."""
     try:
-        buf = np.fromfile(path, np.uint8)
+        buf = np.frombuffer(_io.read_bytes(path) if data is None else data, np.uint8)
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -335,15 +339,16 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def load_image(path: str, size: tuple[int, int] | None = None) -> npt.NDArray[np.uint8]:
+def load_image(path: str, size: tuple[int, int] | None = None, data: bytes | None = None) -> npt.NDArray[np.uint8]:
     """Decode an image to ``[H, W, 3] uint8`` RGB.
 
     Grayscale is replicated to 3 channels, alpha is dropped, 16-bit is scaled to 8-bit.
     ``size=(height, width)`` resizes (INTER_AREA when shrinking both sides, else INTER_LINEAR).
     EXIF orientation is not applied: pixels come as stored, like the masks drawn on them.
-    Raises ValueError naming ``path`` for an unreadable, corrupt, empty or truncated file.
+    Raises ValueError naming ``path`` for an unreadable, corrupt, empty or truncated file. ``data``:
+    the file's bytes when the caller has read them already.
     """
-    img = _decode(path, "image")
+    img = _decode(path, "image", data)
     if img.dtype == np.uint16:
         # Round-to-nearest 65535 -> 255; v * 257 (8-bit data stored as 16-bit) maps back to v.
         img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
@@ -363,11 +368,18 @@ def load_image(path: str, size: tuple[int, int] | None = None) -> npt.NDArray[np
     else:
         raise ValueError(f"cannot decode image {path}: unsupported shape {img.shape}")
     if size is not None:
-        height, width = _check_size(size)
-        if (height, width) != img.shape[:2]:
-            shrink = height <= img.shape[0] and width <= img.shape[1]
-            interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            img = cv2.resize(img, (width, height), interpolation=interp)
+        img = resize_image(img, size)
+    return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """``img`` (uint8 [H, W, 3]) at ``size=(height, width)``: INTER_AREA when shrinking both sides,
+    else INTER_LINEAR."""
+    height, width = _check_size(size)
+    if (height, width) != img.shape[:2]:
+        shrink = height <= img.shape[0] and width <= img.shape[1]
+        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        img = cv2.resize(img, (width, height), interpolation=interp)
     return np.ascontiguousarray(img, dtype=np.uint8)
 
 
@@ -429,8 +441,12 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def image_hw(path: str) -> tuple[int, int]:
     """The stored ``(height, width)`` of an image, in pixels.
 
-    PNG sizes are read from the 24-byte header; other formats are decoded in full.
+    PNG sizes are read from the 24-byte header; other formats, and files in object storage, are
+    decoded in full.
     """
+    if _io.is_uri(path):
+        img = _decode(path, "image")
+        return int(img.shape[0]), int(img.shape[1])
     try:
         with open(path, "rb") as fh:
             head = fh.read(24)

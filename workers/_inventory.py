@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from ._data import ClassInfo, load_image, load_mask
+from ._io import read_bytes
 
-INVENTORY_COLUMNS = ("sample_id", "image_error", "mask_error", "image_sha256", "height", "width")
-"""What :func:`inspect_images` writes per row; an empty error string means no problem."""
+INVENTORY_COLUMNS = ("sample_id", "image_error", "mask_error", "image_sha256", "height", "width", "mask_class_pixels")
+"""What :func:`inspect_images` writes per row; an empty error string means no problem.
+``mask_class_pixels``: the pixels of each class in the row's mask, comma-separated ("" without one)."""
 
 
 @dataclass(frozen=True)
@@ -33,18 +35,21 @@ class InventoryResult:
 
 def inspect_one(image_path: str, mask_path: str, classes: ClassInfo) -> dict[str, Any]:
     """One row of the inventory (``sample_id`` aside): see :data:`INVENTORY_COLUMNS`."""
-    row: dict[str, Any] = {"image_error": "", "mask_error": "", "image_sha256": "", "height": -1, "width": -1}
+    row: dict[str, Any] = {"image_error": "", "mask_error": "", "image_sha256": "", "height": -1, "width": -1,
+                           "mask_class_pixels": ""}
     try:
-        with open(image_path, "rb") as fh:
-            row["image_sha256"] = hashlib.sha256(fh.read()).hexdigest()
-        image = load_image(image_path)
+        data = read_bytes(image_path)  # once: hashed, then decoded (a bucket's object is downloaded once)
+        row["image_sha256"] = hashlib.sha256(data).hexdigest()
+        image = load_image(image_path, data=data)
         row["height"], row["width"] = int(image.shape[0]), int(image.shape[1])
     except (ValueError, OSError) as exc:  # corrupt, truncated, empty, missing
         row["image_error"] = str(exc)
         return row
     if mask_path:
         try:
-            load_mask(mask_path, classes, expected_hw=(row["height"], row["width"]))
+            mask = load_mask(mask_path, classes, expected_hw=(row["height"], row["width"]))
+            valid = mask[(mask >= 0) & (mask < classes.num_classes)]
+            row["mask_class_pixels"] = ",".join(map(str, np.bincount(valid.ravel(), minlength=classes.num_classes)))
         except (ValueError, OSError) as exc:
             row["mask_error"] = str(exc) if str(mask_path) in str(exc) else f"mask {mask_path}: {exc}"
     return row
@@ -56,7 +61,7 @@ def inspect_batch(batch: dict[str, np.ndarray], classes: ClassInfo) -> dict[str,
     rows = [inspect_one(str(i), str(m), classes) for i, m in zip(batch["image_path"], batch["mask_path"])]
     out: dict[str, np.ndarray] = {"sample_id": np.asarray(batch["sample_id"])}
     for name in INVENTORY_COLUMNS[1:]:
-        out[name] = np.asarray([r[name] for r in rows], dtype=object if name.endswith(("error", "sha256")) else np.int64)
+        out[name] = np.asarray([r[name] for r in rows], dtype=object if name.endswith(("error", "sha256", "pixels")) else np.int64)
     return out
 
 

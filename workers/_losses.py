@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +82,13 @@ class LossSpec:
     """Optimiser steps over which OHEM's kept fraction falls from 1 to ``ohem_top_k_min``."""
     dice_smooth: float = 1.0
     """Added to the Dice numerator and denominator, in pixels."""
+    imbalance: str = "auto"
+    """``auto``: when the rarest class present in the labeled set holds under ``imbalance_threshold``
+    of its labeled pixels, train with ``imbalance_loss`` and ``imbalance_class_weights`` instead
+    (:func:`choose_loss`); ``off``: always ``name`` and ``class_weights``."""
+    imbalance_threshold: float = 0.01
+    imbalance_loss: str = "ce_dice"
+    imbalance_class_weights: str = "median"
 
     def __post_init__(self) -> None:
         if self.name not in LOSS_NAMES:
@@ -89,6 +97,11 @@ class LossSpec:
             raise ValueError(
                 f"loss class_weights {self.class_weights!r}; valid: {', '.join(CLASS_WEIGHT_MODES)}"
             )
+        if self.imbalance not in ("auto", "off"):
+            raise ValueError(f"loss imbalance {self.imbalance!r}; valid: auto, off")
+        if self.imbalance_loss not in LOSS_NAMES or self.imbalance_class_weights not in CLASS_WEIGHT_MODES:
+            raise ValueError(f"loss imbalance recipe {self.imbalance_loss!r} with {self.imbalance_class_weights!r}: "
+                             f"valid losses {', '.join(LOSS_NAMES)}, class weights {', '.join(CLASS_WEIGHT_MODES)}")
         if not 0.0 < self.ohem_top_k_min <= 1.0:
             raise ValueError(f"loss ohem_top_k_min must be in (0, 1], got {self.ohem_top_k_min}")
         checks = {
@@ -292,3 +305,28 @@ def class_weights_from_counts(pixels: np.ndarray, image_pixels: np.ndarray, mode
         freq = pixels[present] / np.asarray(image_pixels, np.float64)[present]
         weights[present] = np.median(freq) / freq
     return np.minimum(weights, cap)
+
+
+def choose_loss(spec: LossSpec, class_pixels: Any, class_names: Any = None) -> tuple[LossSpec, dict[str, Any]]:
+    """The loss a run trains with, and why: the configured one, or, with ``spec.imbalance: auto``
+    and a labeled set whose rarest present class holds under ``spec.imbalance_threshold`` of its
+    pixels (``class_pixels``: counts per class id), the rare-class recipe (``imbalance_loss`` with
+    ``imbalance_class_weights``). Plain cross-entropy on such a set learns to predict the majority
+    class everywhere (benchmarks/results/rare_recipe.md)."""
+    import dataclasses
+
+    pixels = np.asarray(class_pixels, dtype=np.float64)
+    total = pixels.sum()
+    present = np.flatnonzero(pixels > 0)
+    info: dict[str, Any] = {"recipe": "configured", "loss": spec.name, "class_weights": spec.class_weights,
+                            "rarest_class": None, "rarest_share": None}
+    if total <= 0 or not len(present):
+        return spec, info
+    rarest = int(present[np.argmin(pixels[present])])
+    share = float(pixels[rarest] / total)
+    info.update(rarest_class=rarest if class_names is None else str(class_names[rarest]), rarest_share=share)
+    if spec.imbalance != "auto" or share >= spec.imbalance_threshold or len(present) < 2:
+        return spec, info
+    chosen = dataclasses.replace(spec, name=spec.imbalance_loss, class_weights=spec.imbalance_class_weights)
+    info.update(recipe="imbalance", loss=chosen.name, class_weights=chosen.class_weights)
+    return chosen, info

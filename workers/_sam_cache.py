@@ -49,7 +49,11 @@ class SamEmbedding:
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 (hex) of a file's bytes."""
+    """sha256 (hex) of a file's bytes (a local path or an object storage URI)."""
+    from ._io import is_uri, read_bytes
+
+    if is_uri(path):
+        return hashlib.sha256(read_bytes(str(path))).hexdigest()
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 

@@ -46,13 +46,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from . import _io
 from ._augment import IMAGENET_MEAN as _MEAN
 from ._augment import IMAGENET_STD as _STD
 from ._augment import Augmenter, AugmentSpec, normalize
-from ._data import ClassInfo, image_hw, load_image, load_mask
+from ._data import ClassInfo, image_hw, load_image, load_mask, resize_image
 from ._losses import (
     LossSpec,
     SegmentationLoss,
+    choose_loss,
     class_pixel_counts,
     class_weights_from_counts,
     cross_entropy_per_image,
@@ -108,6 +110,10 @@ def load_pair(
 
     Returns (uint8 [H, W, 3], int64 [H, W] class ids with ``classes.ignore_index`` kept).
     """
+    if _io.is_uri(image_path):  # one download of the image: decoded once, its size checked against the mask
+        full = load_image(image_path)
+        mask = load_mask(mask_path, classes, size=size, expected_hw=full.shape[:2])
+        return resize_image(full, size), mask
     # image_hw reads a PNG's size from its header: the image is decoded once, not twice.
     mask = load_mask(mask_path, classes, size=size, expected_hw=image_hw(image_path))
     return load_image(image_path, size=size), mask
@@ -124,9 +130,10 @@ def _decoded_pair(image_path: str, mask_path: str, classes: ClassInfo,
                   size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoded (uint8 [3, H, W], int64 [H, W]) pair, from this process's cache when the files
     have not changed since (same size and modification time)."""
-    try:
+    try:  # objects in a bucket are not rewritten under the same name: their URI is their key
+        stamps = () if _io.is_uri(image_path) else (os.stat(image_path).st_mtime_ns, os.stat(mask_path).st_mtime_ns)
         key: tuple[Any, ...] | None = (image_path, mask_path, tuple(size), classes.num_classes, classes.ignore_index,
-                                       os.stat(image_path).st_mtime_ns, os.stat(mask_path).st_mtime_ns)
+                                       *stamps)
     except OSError:
         key = None  # load_pair names the missing file
     if key is not None and key in _DECODED:
@@ -347,6 +354,9 @@ class TrainResult:
     epochs_run: int = 0
     stopped_early: bool = False
     resumed_at_epoch: int | None = None
+    loss_choice: dict[str, Any] = field(default_factory=dict)
+    """The loss trained with and why (``workers._losses.choose_loss``): ``recipe`` (configured or
+    imbalance), ``loss``, ``class_weights``, ``rarest_class``, ``rarest_share``."""
     loop_seconds: float = float("nan")
     """Time inside the training loop itself (data, model, epochs, the final evaluation): the
     run's work; ``train_seconds`` minus this is what launching it cost."""
@@ -622,10 +632,14 @@ def train_loop(
     val_ds = SegmentationDataset(spec.val_images, spec.val_masks, classes, spec.image_size)
 
     pixels, image_pixels = _class_statistics(train_ds, spec.train_weights, num_classes, spec.ignore_index)
-    weights = class_weights_from_counts(pixels, image_pixels, spec.loss.class_weights, spec.loss.class_weight_cap)
-    loss_fn = SegmentationLoss(spec.loss, num_classes, spec.ignore_index, weights).to(device)
+    loss_spec, loss_choice = choose_loss(spec.loss, pixels, spec.class_names)
+    weights = class_weights_from_counts(pixels, image_pixels, loss_spec.class_weights, loss_spec.class_weight_cap)
+    loss_fn = SegmentationLoss(loss_spec, num_classes, spec.ignore_index, weights).to(device)
+    if rank == 0 and loss_choice["recipe"] == "imbalance":
+        log.info("rare class %s holds %.3f%% of the labeled pixels: training with %s, %s class weights",
+                 loss_choice["rarest_class"], 100 * loss_choice["rarest_share"], loss_spec.name, loss_spec.class_weights)
     if weights is not None and rank == 0:
-        log.info("class weights (%s): %s", spec.loss.class_weights, np.round(weights, 3).tolist())
+        log.info("class weights (%s): %s", loss_spec.class_weights, np.round(weights, 3).tolist())
 
     if saved is not None:  # before DDP, which starts every rank from rank 0's weights
         model.load_state_dict(saved["model"])
@@ -791,6 +805,7 @@ def train_loop(
         "val_dice": best_eval.dice.tolist(),
         "class_pixel_frequency": (pixels / total if total > 0 else pixels).tolist(),
         "class_weights": None if weights is None else weights.tolist(),
+        "loss_choice": loss_choice,
         "train_loss": signals.loss.tolist(),
         "train_iou": signals.image_iou.tolist(),
     }
@@ -928,6 +943,7 @@ def result_from_loop(spec: TrainSpec, ret: dict[str, Any], checkpoint_path: str,
         stopped_early=bool(ret.get("stopped_early", False)),
         resumed_at_epoch=ret.get("resumed_at_epoch"),
         loop_seconds=float(ret.get("loop_seconds", float("nan"))),
+        loss_choice=dict(ret.get("loss_choice") or {}),
     )
 
 
