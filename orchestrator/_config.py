@@ -109,7 +109,7 @@ class LossConfig:
     ``loss_used`` param); ``off``: always ``name`` and ``class_weights``."""
     imbalance_threshold: float = 0.01
     """Share of the labeled pixels under which the rarest class makes the set imbalanced, in (0, 1)."""
-    imbalance_loss: Literal["ce", "dice", "ce_dice", "focal", "focal_dice", "ohem", "ohem_dice"] = "ce_dice"
+    imbalance_loss: Literal["ce", "dice", "ce_dice", "focal", "focal_dice", "ohem", "ohem_dice"] = "ce"
     """The loss of imbalanced rounds (the default chosen on KolektorSDD: benchmarks/results/rare_recipe.md)."""
     imbalance_class_weights: Literal["none", "inverse", "median"] = "median"
     """The class weights of imbalanced rounds."""

@@ -123,23 +123,26 @@ def export_folder_tasks(
     if label_studio is not None:
         atomic_write_json(tmp / "tasks.json", ls_tasks)
         (tmp / "label_config.xml").write_text(label_studio.label_config())
-    (tmp / "README.md").write_text(task_readme(task_dir, workdir, label_studio, kind, len(samples)))
+    (tmp / "README.md").write_text(task_readme(task_dir, workdir, label_studio, kind, len(samples),
+                                               preannotated=(tmp / "preannotations").is_dir()))
     if task_dir.exists():
         shutil.rmtree(task_dir)
     tmp.rename(task_dir)
     return TaskExport(task_dir=str(task_dir), sample_ids=list(map(str, sample_ids)), files=files)
 
 
-def task_readme(task_dir: Path, workdir: Path | None, spec: LabelStudioSpec | None, kind: str, count: int) -> str:
-    """What the annotation lead does with this folder, from opening it to importing the answers."""
+def task_readme(task_dir: Path, workdir: Path | None, spec: LabelStudioSpec | None, kind: str, count: int,
+                preannotated: bool = True) -> str:
+    """What the annotation lead does with this folder, from opening it to importing the answers
+    (``preannotated``: the folder holds the model's masks; round 0 of an unlabeled pool has no model)."""
     work = str(workdir) if workdir is not None else "WORKDIR"
     what = {"label": "images to label", "region": "images with regions to label", "relabel": "images to relabel"}[kind]
     lines = [f"# {count} {what}", "", f"Task folder `{task_dir}` of the Shoal experiment `{work}`.", ""]
     if spec is None:
         lines += [
             "1. Draw one mask per image in `images/`: a single-channel PNG of class ids, the same size as the "
-            "image, named like it (`masks/<name>.png`); unlabeled pixels hold `ignore_index` (see manifest.json). "
-            "`preannotations/` holds the model's masks to start from." + (
+            "image, named like it (`masks/<name>.png`); unlabeled pixels hold `ignore_index` (see manifest.json)."
+            + (" `preannotations/` holds the model's masks to start from." if preannotated else "") + (
                 " Only pixels inside the todo regions (`todo/<name>.png`) count." if kind == "region" else ""),
             f"2. `shoal import-labels {work} {task_dir}`" + (f" --task {task_dir}" if kind == "relabel" else ""),
             f"3. `shoal resume {work}`",

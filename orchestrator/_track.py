@@ -184,7 +184,7 @@ def round_warnings(ctx: Context) -> list[str]:
         data = ctx.config.data
         held = ("data.synthetic.num_val" if data.kind == "synthetic" else "data.val_dir" if data.val_dir
                 else f"data.val_share {data.val_share} of the labeled images")
-        out.append(f"only {val} validation images ({held}): the round's mIoU is a noisy figure; "
+        out.append(f"only {val} validation image{'' if val == 1 else 's'} ({held}): the round's mIoU is a noisy figure; "
                    f"label more images, or give a validation folder")
     for text in out:  # the CLI prints them under the round's line; the API has them in RoundResult.extra
         log.info("round %d: %s", ctx.round_state.round, text)

@@ -81,6 +81,7 @@ def test_a_few_seed_masks_train_round_one_and_people_label_the_rest(ray_cluster:
     assert trained == seeds
     asked = loop.awaiting_labels["requested"]
     assert len(asked) == 6 and not set(asked) & seeds
+    assert "`preannotations/` holds the model's masks" in (Path(loop.awaiting_labels["task_dir"]) / "README.md").read_text()
 
     loop.import_labels(answer(loop, tmp_path / "truth", tmp_path / "answers1"))
     resumed = ActiveLearningLoop.resume(loop.workdir)
@@ -102,6 +103,7 @@ def test_with_no_mask_people_label_first_and_nothing_trains_before(ray_cluster: 
     assert len(loop.awaiting_labels["requested"]) == 8
     manifest = json.loads((Path(loop.awaiting_labels["task_dir"]) / "manifest.json").read_text())
     assert manifest["round"] == 0 and all(s["preannotation"] is None for s in manifest["samples"])  # no model yet
+    assert "preannotations/" not in (Path(loop.awaiting_labels["task_dir"]) / "README.md").read_text()
     assert loop.step() is None  # still waiting: nothing to train on
     assert not list(loop.workdir.rglob("model.pt")) and not (loop.workdir / "ray_train").exists()
     assert loop.status()["round"] == 0 and loop.status()["awaiting_labels"]["received"] == 0
@@ -134,7 +136,7 @@ def test_without_a_val_folder_validation_is_held_out_stably(ray_cluster: None, t
         loop = ActiveLearningLoop.resume(loop.workdir)
         result = loop.step()
         assert result is not None and result.metrics["val_images"] == len(val_ids)
-        assert any("validation images" in w for w in result.extra["warnings"])  # a handful: said, not fatal
+        assert any("validation image" in w and "noisy figure" in w for w in result.extra["warnings"])  # a handful: said, not fatal
     # validation only grows, training images never move to it (nor back)
     assert val_by_round[0] <= val_by_round[1] and not val_by_round[1] & train_by_round[1]
     final = store.read(loop.state.revision)

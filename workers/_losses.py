@@ -87,7 +87,7 @@ class LossSpec:
     of its labeled pixels, train with ``imbalance_loss`` and ``imbalance_class_weights`` instead
     (:func:`choose_loss`); ``off``: always ``name`` and ``class_weights``."""
     imbalance_threshold: float = 0.01
-    imbalance_loss: str = "ce_dice"
+    imbalance_loss: str = "ce"
     imbalance_class_weights: str = "median"
 
     def __post_init__(self) -> None:
