@@ -121,16 +121,21 @@ def write_bytes(path: str, data: bytes) -> None:
         raise OSError(f"cannot write {path}: {_reason(exc)}") from None
 
 
+def _file_type(path: str) -> Any:
+    """The store's ``pyarrow.fs.FileType`` of a URI; an unreachable store is an error naming it."""
+    fs, inner = resolve(path)
+    try:
+        return fs.get_file_info(inner).type
+    except OSError as exc:
+        raise OSError(f"cannot reach {path}: {_reason(exc)}") from None
+
+
 def exists(path: str) -> bool:
     if not is_uri(path):
         return os.path.exists(path)
     import pyarrow.fs as pafs
 
-    fs, inner = resolve(path)
-    try:
-        return bool(fs.get_file_info(inner).type != pafs.FileType.NotFound)
-    except OSError as exc:
-        raise OSError(f"cannot reach {path}: {_reason(exc)}") from None
+    return bool(_file_type(path) != pafs.FileType.NotFound)
 
 
 def is_dir(path: str) -> bool:
@@ -138,11 +143,7 @@ def is_dir(path: str) -> bool:
         return os.path.isdir(path)
     import pyarrow.fs as pafs
 
-    fs, inner = resolve(path)
-    try:
-        return bool(fs.get_file_info(inner).type == pafs.FileType.Directory)
-    except OSError as exc:
-        raise OSError(f"cannot reach {path}: {_reason(exc)}") from None
+    return bool(_file_type(path) == pafs.FileType.Directory)
 
 
 def list_files(folder: str) -> list[str]:
