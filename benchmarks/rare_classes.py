@@ -234,6 +234,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
         f"over {len(seeds)} seeds; baal arms: baal 2.1 `Entropy` / `BALD` (reduction mean) over {MC_PASSES} "
         "MC-dropout passes of the same model.",
         "",
+        *([f"Stopped after {meta['seeds_done']} of the {a['seeds']} seeds asked: the tables hold the finished seeds, "
+           "paired.", ""] if int(meta.get("seeds_done", a["seeds"])) < int(a["seeds"]) else []),
         "## Defect images in the labeled set",
         "",
         "| arm | " + " | ".join(f"round {r} (labeled {int(values(arms[0], r, 'labeled')[0])})" for r in rounds) + " |",
