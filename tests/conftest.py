@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +30,20 @@ TINY: dict[str, Any] = {
     "loop": {"strategy": "entropy", "initial_labeled": 8, "budget": 6, "rounds": 2},
     "ray": {"num_cpus": 2},
 }
+
+
+def stop_group(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Stop a server a test started in its own process group: SIGTERM, then SIGKILL after
+    ``timeout`` seconds, then SIGKILL to anything of the group still alive."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:

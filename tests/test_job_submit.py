@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import ROOT, stop_group, tiny_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -60,14 +58,7 @@ def head(tmp_path: Path):
     try:
         yield address, env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still alive
+        stop_group(proc, timeout=10)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

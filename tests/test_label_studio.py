@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import workers
 from orchestrator import TableStore
 from orchestrator._labelstudio import mask_to_brush
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import ROOT, stop_group, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -91,12 +90,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli
                 time.sleep(1)
         yield client, root
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout=30)
         log.close()
 
 

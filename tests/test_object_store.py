@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import workers
 import workers._data
 from orchestrator import ActiveLearningLoop, config_from_dict
 
-from .conftest import tiny_config
+from .conftest import stop_group, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -73,8 +72,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_group(proc, timeout=30)
 
 
 def upload(folder: Path, prefix: str) -> str:
@@ -213,8 +211,7 @@ def test_wrong_credentials_are_refused_naming_the_uri(s3: str, tmp_path: Path, m
         assert not (tmp_path / "work").exists()
     finally:
         workers._io._filesystem.cache_clear()  # type: ignore[attr-defined]
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_group(proc, timeout=30)
 
 
 def test_an_object_gone_between_listing_and_reading_is_skipped_with_skip_unreadable(
