@@ -91,12 +91,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for key, value in status.items():
         if key != "progress":
             print(f"{key}: {value}")
-    print(f"now: {_describe_progress(status['progress'])}")
+    print(f"now: {_describe_progress(status['progress'], status.get('awaiting_labels'))}")
     return 0
 
 
-def _describe_progress(progress: dict | None) -> str:
-    """One line on the phase running (or the last one run) from ``progress.json``."""
+def _describe_progress(progress: dict | None, awaiting: dict | None = None) -> str:
+    """One line on the phase running (or the last one run) from ``progress.json``; a finished
+    label phase whose labels are still awaited says so (its export is done, not the labeling)."""
     if not progress:
         return "nothing has run yet"
     where = f"round {progress['round']} {progress['phase']}"
@@ -104,6 +105,9 @@ def _describe_progress(progress: dict | None) -> str:
         outcome = progress.get("outcome") or "stopped"
         if progress.get("running"):  # the process died without saying so
             outcome = f"the process {progress['pid']} is gone"
+        elif awaiting is not None and progress["phase"] == "label" and outcome == "done":
+            outcome = (f"tasks exported, waiting for {len(awaiting['missing'])} of {awaiting['requested']} labels "
+                       "(import-labels, then resume)")
         return f"{where}: {outcome}, {progress['age_s']:.0f} s ago"
     detail = progress.get("detail") or {}
     parts = []

@@ -15,6 +15,7 @@ import pytest
 
 import workers
 from orchestrator import ActiveLearningLoop, TableStore, config_from_dict
+from orchestrator._cli import main as cli_main
 from orchestrator._label_state import holdout_score
 
 from .conftest import tiny_config
@@ -93,7 +94,8 @@ def test_a_few_seed_masks_train_round_one_and_people_label_the_rest(ray_cluster:
     assert set(pd.read_csv(resumed.workdir / "rounds/round-002/train_weights.csv").sample_id) == seeds | set(asked)
 
 
-def test_with_no_mask_people_label_first_and_nothing_trains_before(ray_cluster: None, tmp_path: Path) -> None:
+def test_with_no_mask_people_label_first_and_nothing_trains_before(ray_cluster: None, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     pool = make_pool(tmp_path, 24, masked=0)
     cfg = folder_config(pool, val_folder(tmp_path), loop={"initial_labeled": 8, "initial_strategy": "cold_start",
                                                           "rounds": 1})
@@ -107,6 +109,9 @@ def test_with_no_mask_people_label_first_and_nothing_trains_before(ray_cluster: 
     assert loop.step() is None  # still waiting: nothing to train on
     assert not list(loop.workdir.rglob("model.pt")) and not (loop.workdir / "ray_train").exists()
     assert loop.status()["round"] == 0 and loop.status()["awaiting_labels"]["received"] == 0
+    assert cli_main(["status", str(loop.workdir)]) == 0  # from another shell: the labels are awaited, not done
+    now = [line for line in capsys.readouterr().out.splitlines() if line.startswith("now:")]
+    assert now and "round 0 label: tasks exported, waiting for 8 of 8 labels" in now[0], now
 
     asked = list(loop.awaiting_labels["requested"])
     loop.import_labels(answer(loop, tmp_path / "truth", tmp_path / "answers0"))
