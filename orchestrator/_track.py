@@ -155,6 +155,10 @@ def loss_used(train: dict[str, Any]) -> str:
         return ""
     text = f"{choice['loss']}, class weights {choice['class_weights']}"
     if choice.get("recipe") == "imbalance":
+        if choice.get("sampling") == "rare_images":
+            n = int(choice["rare_images"])
+            text += (f", its {n} image{'' if n == 1 else 's'} drawn {100 * float(choice['rare_draw_share']):.0f}% of the "
+                     f"time (by sample weight {100 * float(choice['rare_draw_share_before']):.0f}%)")
         text += (f" (the rare-class recipe: class {choice['rarest_class']} holds "
                  f"{100 * float(choice['rarest_share']):.2f}% of the labeled pixels)")
     return text

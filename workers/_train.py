@@ -55,9 +55,11 @@ from ._losses import (
     LossSpec,
     SegmentationLoss,
     choose_loss,
-    class_pixel_counts,
     class_weights_from_counts,
     cross_entropy_per_image,
+    mask_class_counts,
+    pixel_statistics,
+    rare_image_factors,
 )
 from ._metrics import (
     confusion_matrix,
@@ -473,20 +475,43 @@ def evaluate_dataset(
     return Evaluation(confusion=cm.cpu().numpy(), loss=loss[by_index], iou=iou, dice=dice)
 
 
-def _class_statistics(
-    dataset: SegmentationDataset, weights: Sequence[float], num_classes: int, ignore_index: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted class pixel counts of the labeled set: rank shards, summed across ranks."""
+def _class_counts(dataset: SegmentationDataset, num_classes: int, ignore_index: int) -> np.ndarray:
+    """float64 [N, C]: each labeled image's class pixel counts; rank shards, summed across ranks."""
     rank, world = _world()
-    shard = range(rank, len(dataset), world)
-    pixels, image_pixels = class_pixel_counts(
-        ((dataset.pair(i)[1], float(weights[i])) for i in shard), num_classes, ignore_index
-    )
+    counts = np.zeros((len(dataset), num_classes), np.float64)
+    for i in range(rank, len(dataset), world):
+        counts[i] = mask_class_counts(dataset.pair(i)[1], num_classes, ignore_index)
     if _distributed():
-        both = torch.from_numpy(np.stack([pixels, image_pixels]))
-        dist.all_reduce(both)
-        pixels, image_pixels = both[0].numpy(), both[1].numpy()
-    return pixels, image_pixels
+        shared = torch.from_numpy(counts)
+        dist.all_reduce(shared)
+        counts = shared.numpy()
+    return counts
+
+
+def _draw_weights(
+    spec: TrainSpec, counts: np.ndarray
+) -> tuple[LossSpec, dict[str, Any], np.ndarray | None, np.ndarray, np.ndarray]:
+    """The run's loss, why (:func:`choose_loss`), the class weights, how often each image is drawn
+    (its sample weight, times :func:`rare_image_factors` when the rare-class recipe is on; then the
+    class weights are those of the images as drawn, as measured) and the labeled set's class pixels
+    by sample weight."""
+    weights = np.asarray(spec.train_weights, dtype=np.float64)
+    labeled_pixels, image_pixels = pixel_statistics(counts, weights)
+    pixels = labeled_pixels
+    loss_spec, loss_choice = choose_loss(spec.loss, pixels, spec.class_names)
+    if loss_choice["recipe"] == "imbalance" and spec.loss.imbalance_sampling == "rare_images":
+        names = list(spec.class_names)
+        rarest = names.index(loss_choice["rarest_class"])
+        holding = counts[:, rarest] > 0
+        before = float(weights[holding].sum() / weights.sum()) if weights.sum() > 0 else 0.0
+        weights = weights * rare_image_factors(counts, labeled_pixels, spec.loss.imbalance_threshold,
+                                               spec.loss.class_weight_cap)
+        pixels, image_pixels = pixel_statistics(counts, weights)
+        after = float(weights[holding].sum() / weights.sum()) if weights.sum() > 0 else 0.0
+        loss_choice.update(sampling="rare_images", rare_images=int(holding.sum()), rare_draw_share_before=before,
+                           rare_draw_share=after)
+    class_weights = class_weights_from_counts(pixels, image_pixels, loss_spec.class_weights, loss_spec.class_weight_cap)
+    return loss_spec, loss_choice, class_weights, weights, labeled_pixels
 
 
 def _build_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -627,17 +652,19 @@ def train_loop(
 
     augmenter = Augmenter(spec.augment, spec.ignore_index, seed=spec.seed * 1000 + rank) if spec.augment.active else None
     train_ds = SegmentationDataset(spec.train_images, spec.train_masks, classes, spec.image_size, augmenter=augmenter)
-    sampler = WeightedDistributedSampler(spec.train_weights, spec.samples_per_epoch, world, rank, spec.seed)
-    train_loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, drop_last=False)
     val_ds = SegmentationDataset(spec.val_images, spec.val_masks, classes, spec.image_size)
 
-    pixels, image_pixels = _class_statistics(train_ds, spec.train_weights, num_classes, spec.ignore_index)
-    loss_spec, loss_choice = choose_loss(spec.loss, pixels, spec.class_names)
-    weights = class_weights_from_counts(pixels, image_pixels, loss_spec.class_weights, loss_spec.class_weight_cap)
+    loss_spec, loss_choice, weights, draw, pixels = _draw_weights(
+        spec, _class_counts(train_ds, num_classes, spec.ignore_index))
+    sampler = WeightedDistributedSampler(draw.tolist(), spec.samples_per_epoch, world, rank, spec.seed)
+    train_loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, drop_last=False)
     loss_fn = SegmentationLoss(loss_spec, num_classes, spec.ignore_index, weights).to(device)
     if rank == 0 and loss_choice["recipe"] == "imbalance":
-        log.info("rare class %s holds %.3f%% of the labeled pixels: training with %s, %s class weights",
-                 loss_choice["rarest_class"], 100 * loss_choice["rarest_share"], loss_spec.name, loss_spec.class_weights)
+        log.info("rare class %s holds %.3f%% of the labeled pixels: training with %s, %s class weights%s",
+                 loss_choice["rarest_class"], 100 * loss_choice["rarest_share"], loss_spec.name, loss_spec.class_weights,
+                 f", the {loss_choice['rare_images']} images holding it drawn {100 * loss_choice['rare_draw_share']:.0f}% "
+                 "of the time"
+                 if loss_choice.get("sampling") else "")
     if weights is not None and rank == 0:
         log.info("class weights (%s): %s", loss_spec.class_weights, np.round(weights, 3).tolist())
 
