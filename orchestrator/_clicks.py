@@ -67,11 +67,17 @@ def charge_images(df: pd.DataFrame, rows: pd.Series, classes: Any, cfg: Config) 
     return df
 
 
-def spent_clicks(df: pd.DataFrame) -> float:
-    """Clicks spent on labels since the initial set (rows first labeled in round 1 or later)."""
+def spent_clicks(df: pd.DataFrame, initial_regions_clicks: float | None = None) -> float:
+    """Clicks spent on labels since the initial set. The initial set is the rows first labeled in
+    round 0 (whole images, never labeled again); with ``regions.initial_clicks`` it is the round-0
+    regions, worth ``initial_regions_clicks``: their images take more regions in later rounds, whose
+    clicks add to the same rows, so everything labeled beyond those clicks counts as spent."""
     if CLICKS not in df.columns:
         return 0.0
-    rows = df[LABELED].astype(bool) & (df[ROUND_LABELED] > 0)
+    labeled = df[LABELED].astype(bool)
+    if initial_regions_clicks is not None:
+        return float(df.loc[labeled, CLICKS].sum()) - float(initial_regions_clicks)
+    rows = labeled & (df[ROUND_LABELED] > 0)
     return float(df.loc[rows, CLICKS].sum())
 
 

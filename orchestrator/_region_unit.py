@@ -102,12 +102,17 @@ def pixel_weights(rows: pd.DataFrame) -> pd.Series:
     return pd.Series(factor, index=pd.Index(rows[SAMPLE_ID].astype(str), name=SAMPLE_ID))
 
 
-def round_budget(cfg: Config, round_index: int, df: pd.DataFrame) -> tuple[float, float]:
+def round_budget(cfg: Config, round_index: int, df: pd.DataFrame, workdir: Path) -> tuple[float, float]:
     """(clicks round ``round_index`` may spend, clicks spent before it since the initial set):
     ``budget_clicks * round_index - spent``, so the difference between what earlier rounds were
-    estimated to cost and what they cost is carried over."""
+    estimated to cost and what they cost is carried over. With ``regions.initial_clicks`` the
+    initial set is round 0's regions (their records in ``workdir``)."""
     assert cfg.regions.budget_clicks is not None  # checked by the config
-    spent = spent_clicks(df)
+    initial = None
+    if cfg.regions.initial_clicks is not None:
+        records = workdir / "rounds" / "round-000" / LABELED_REGIONS_FILE
+        initial = float(pd.read_parquet(records, columns=[rcol.CLICKS])[rcol.CLICKS].sum()) if records.exists() else 0.0
+    spent = spent_clicks(df, initial)
     return float(cfg.regions.budget_clicks) * round_index - spent, spent
 
 
@@ -240,7 +245,7 @@ class RegionUnit:
         """
         cfg = ctx.config
         state = ctx.round_state
-        budget, spent = round_budget(cfg, state.round, ctx.read(state.revision))
+        budget, spent = round_budget(cfg, state.round, ctx.read(state.revision), ctx.workdir)
         table = region_table(ctx.workdir, state.round, state.round_info["score"].get("region_scores_dir"))
         if budget > 0 and (~table[rcol.LABELED].astype(bool)).any():
             # The simulated oracle gets a queue longer than the budget and works down it until the real

@@ -191,7 +191,7 @@ def test_the_region_protocol_starts_from_random_regions_not_whole_images(tmp_pat
     """``regions.initial_clicks``: round 0 labels random regions across the pool worth those clicks
     (at their real cost, by the simulated oracle), no whole image; the rounds' click budgets start
     after them."""
-    settings = {**REGION, "regions": {**REGION["regions"], "initial_clicks": 30.0}, "loop": {**REGION["loop"], "rounds": 1}}
+    settings = {**REGION, "regions": {**REGION["regions"], "initial_clicks": 30.0}, "loop": {**REGION["loop"], "rounds": 2}}
     loop = ActiveLearningLoop(config_from_dict(tiny_config(**settings)), tmp_path / "work")
     state = loop.start()
     first = loop.store.read(state.revision)
@@ -204,8 +204,15 @@ def test_the_region_protocol_starts_from_random_regions_not_whole_images(tmp_pat
     assert "random regions" in loop.store.info(state.revision).comment
     by_image = records.groupby("sample_id").size()
     assert by_image.max() < 10  # spread over the pool, not one image's regions in a row
-    [result] = loop.run()
+    result, second = loop.run()
     round_records = _records(loop.workdir, 1)
     assert 0 < round_records.clicks.sum() <= BUDGET + 1e-9  # the round's own budget, the initial clicks aside
     assert not set(zip(round_records.sample_id, round_records.region_id)) & set(zip(records.sample_id, records.region_id))
     assert result.metrics["labeled_clicks"] == pytest.approx(records.clicks.sum() + round_records.clicks.sum())
+    # round 1's regions went partly to images round 0 touched: still counted as spent, so two rounds
+    # spend at most two budgets (the initial regions' images do not hide later clicks)
+    assert set(round_records.sample_id) & set(records.sample_id)
+    second_records = _records(loop.workdir, 2)
+    assert round_records.clicks.sum() + second_records.clicks.sum() <= 2 * BUDGET + 1e-9
+    assert second.metrics["labeled_clicks"] == pytest.approx(
+        records.clicks.sum() + round_records.clicks.sum() + second_records.clicks.sum())
