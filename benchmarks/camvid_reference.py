@@ -111,12 +111,19 @@ def split_val(data: Path, test_images: int, root: Path) -> tuple[Path, Path]:
 
 def test_miou(checkpoint: str, test_dir: Path, size: tuple[int, int]) -> float:
     """mIoU (classes present) of the model saved at ``checkpoint`` on every image of ``test_dir``."""
+    return float(test_metrics(checkpoint, test_dir, size)["miou"])
+
+
+def test_metrics(checkpoint: str, test_dir: Path, size: tuple[int, int]) -> dict[str, Any]:
+    """``miou`` (classes present) and ``iou`` (class name -> IoU, NaN where a class is absent from
+    both masks and predictions) of the model saved at ``checkpoint`` on every image of ``test_dir``."""
     classes, records = scan_folder_dataset(test_dir)
     model = load_checkpoint(checkpoint).eval()
     data = SegmentationDataset([r.image_path for r in records], [str(r.mask_path) for r in records], classes,
                                (int(size[0]), int(size[1])), cache=False)
     evaluation = evaluate_dataset(model, data, len(classes.names), classes.ignore_index, torch.device("cpu"))
-    return float(metrics_from_confusion(evaluation.confusion).miou)
+    metrics = metrics_from_confusion(evaluation.confusion)
+    return {"miou": float(metrics.miou), "iou": {n: float(v) for n, v in zip(classes.names, metrics.iou)}}
 
 
 def build_spec(args: argparse.Namespace) -> TrainSpec:

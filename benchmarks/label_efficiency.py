@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
-from camvid_reference import split_val, test_miou  # noqa: E402
+from camvid_reference import split_val, test_metrics  # noqa: E402
 
 from orchestrator import ActiveLearningLoop, config_from_dict  # noqa: E402
 
@@ -78,8 +78,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 }
 DEFAULT = ["random", "entropy_topk", "coreset", "fusion_entropy_balance"]
 REGION_STRATEGIES = [name for name, entry in STRATEGIES.items() if entry.get("unit") == "region"]
-REACH = 0.95
-"""The share of the full-supervision reference whose cost (in clicks) the click-axis report gives."""
+RARE_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist")
+"""CamVid's rare classes (each a few percent of the pixels or less): their test IoU is in every row."""
+REACHES = (0.90, 0.95)
+"""The shares of the full-supervision reference whose cost (in clicks) the click-axis report gives."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--region-segments", type=int, default=100,
                    help="region runs, slic: superpixels per image at --size")
     p.add_argument("--cell-px", type=int, default=8, help="region runs, grid: cell side in pixels at --size")
+    p.add_argument("--initial-clicks", type=float, default=None,
+                   help="region runs: start from random regions worth these clicks (regions.initial_clicks), no "
+                        "whole image; default: the --initial whole images")
+    p.add_argument("--merge-csv", type=Path, default=None,
+                   help="add the rows of these --merge-strategies (and --seeds) from an earlier run's CSV, made with "
+                        "the same size and training settings (image-level runs on the same click axis)")
+    p.add_argument("--merge-strategies", nargs="+", default=[])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/shoal-label-efficiency"))
     p.add_argument("--test-images", type=int, default=50,
@@ -123,7 +132,8 @@ def run_config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
                     **STRATEGIES[strategy]}
     if STRATEGIES[strategy].get("unit") == "region":
         base["regions"] = {"method": args.region_method, "n_segments": args.region_segments, "cell_px": args.cell_px,
-                           "budget_clicks": args.budget_clicks or default_budget_clicks(args)}
+                           "budget_clicks": args.budget_clicks or default_budget_clicks(args),
+                           "initial_clicks": args.initial_clicks}
     base["ray"] = {"num_cpus": os.cpu_count() or 2}
     return config_from_dict(base, [*args.overrides])
 
@@ -159,6 +169,15 @@ def default_budget_clicks(args: argparse.Namespace, sample: int = 40) -> float:
     return round(args.budget * _IMAGE_CLICKS[key])
 
 
+def full_labeling_clicks(args: argparse.Namespace) -> float:
+    """What labeling every train image costs in clicks (its polygons, the default cost model)."""
+    from workers import image_annotation_costs, scan_folder_dataset
+
+    classes, records = scan_folder_dataset(str(args.data / "train"))
+    costs = image_annotation_costs([r.sample_id for r in records], [r.mask_path for r in records], classes)
+    return float(costs["clicks"].sum())
+
+
 def run_all(args: argparse.Namespace, csv: Path) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
@@ -179,9 +198,11 @@ def run_all(args: argparse.Namespace, csv: Path) -> pd.DataFrame:
             held_out = test_dir(args)
             for r in loop.history:
                 model = workdir / "rounds" / f"round-{r.round:03d}" / "model.pt"
+                tested = test_metrics(str(model), held_out, tuple(args.size)) if held_out else None
                 rows.append({"strategy": strategy, "seed": seed, "round": r.round, "trained_on": r.trained_on,
                              "val_miou": r.val_miou,
-                             "test_miou": test_miou(str(model), held_out, tuple(args.size)) if held_out else None,
+                             "test_miou": tested["miou"] if tested else None,
+                             **{f"test_iou_{c}": tested["iou"].get(c) if tested else None for c in RARE_CLASSES},
                              "round_seconds": r.seconds,
                              "train_seconds": r.timings["train"], "score_seconds": r.timings["score"],
                              "select_seconds": r.timings["select"],
@@ -210,23 +231,31 @@ def summarize(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
 
 def summarize_clicks(df: pd.DataFrame, reference: float | None) -> dict[str, Any]:
     """Per strategy and round: mean clicks trained on and val mIoU (mean, std over seeds); the
-    clicks at which the mean curve reaches ``REACH`` of the reference (linear between rounds), and
-    per seed whether it was reached; val mIoU at ``common`` clicks, the most that every run of every
+    clicks at which the mean curve reaches each of ``REACHES`` of the reference (linear between
+    rounds), and per seed whether it was reached; val mIoU at ``common`` clicks, the most that every run of every
     strategy reached (each seed's curve interpolated there), so strategies compare at equal cost."""
     out: dict[str, Any] = {}
     runs = df.dropna(subset=["clicks"]).sort_values("round")
-    common = float(runs.groupby(["strategy", "seed"])["clicks"].max().min())
+    spans = runs.groupby(["strategy", "seed"])["clicks"].agg(["min", "max"])
+    common = float(spans["max"].min())
+    if common < float(spans["min"].max()):  # no cost every run reached within its curve: nothing to compare
+        common = float("nan")
     for s in dict.fromkeys(df["strategy"]):
         sub = runs[runs["strategy"] == s]
         stats = sub.groupby("round").agg(clicks=("clicks", "mean"), miou=("miou", "mean"),
                                          std=("miou", "std"), seeds=("seed", "nunique"))
-        target = REACH * reference if reference else None
-        at_common = {int(seed): float(np.interp(common, g["clicks"], g["miou"])) for seed, g in sub.groupby("seed")}
-        per_seed = [reach_clicks(g["clicks"].to_numpy(), g["miou"].to_numpy(), target) for _, g in sub.groupby("seed")]
+        at_common = {int(seed): float(np.interp(common, g["clicks"], g["miou"])) if math.isfinite(common) else float("nan")
+                     for seed, g in sub.groupby("seed")}
+        reach: dict[str, Any] = {}
+        for level in REACHES:
+            target = level * reference if reference else None
+            per_seed = [reach_clicks(g["clicks"].to_numpy(), g["miou"].to_numpy(), target) for _, g in sub.groupby("seed")]
+            reach[f"{level:.2f}"] = {
+                "clicks": reach_clicks(stats["clicks"].to_numpy(), stats["miou"].to_numpy(), target),
+                "seeds_reaching": sum(c is not None for c in per_seed)}
         out[s] = {"round": stats.index.tolist(), "clicks": stats["clicks"].tolist(), "mean": stats["miou"].tolist(),
                   "std": stats["std"].fillna(0.0).tolist(), "seeds": int(stats["seeds"].max()),
-                  "clicks_to_reach": reach_clicks(stats["clicks"].to_numpy(), stats["miou"].to_numpy(), target),
-                  "seeds_reaching": sum(c is not None for c in per_seed),
+                  "reach": reach,
                   "best_share": float(stats["miou"].max() / reference) if reference else None,
                   "common_clicks": common, "miou_at_common": float(np.mean(list(at_common.values()))),
                   "miou_at_common_std": float(np.std(list(at_common.values()), ddof=1)) if len(at_common) > 1 else 0.0,
@@ -237,6 +266,22 @@ def summarize_clicks(df: pd.DataFrame, reference: float | None) -> dict[str, Any
             diff = np.array([v - base[seed] for seed, v in c["at_common_by_seed"].items() if seed in base])
             c["vs_random_at_common"] = float(diff.mean()) if len(diff) else float("nan")
             c["vs_random_at_common_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return out
+
+
+def summarize_rare(df: pd.DataFrame) -> dict[str, Any]:
+    """Per strategy with the ``test_iou_<class>`` columns: the last round's rare-class test IoU, mean
+    and standard deviation over seeds."""
+    columns = [f"test_iou_{c}" for c in RARE_CLASSES]
+    if not set(columns) <= set(df.columns):
+        return {}
+    out: dict[str, Any] = {}
+    for s, sub in df.dropna(subset=columns, how="all").groupby("strategy", sort=False):
+        last = sub[sub["round"] == sub["round"].max()]
+        out[str(s)] = {"round": int(last["round"].iloc[0]), "seeds": int(last["seed"].nunique()),
+                       "clicks": float(last["clicks"].mean()) if "clicks" in last else float("nan"),
+                       "mean": [float(last[c].mean()) for c in columns],
+                       "std": [float(last[c].std(ddof=1)) if len(last) > 1 else 0.0 for c in columns]}
     return out
 
 
@@ -299,8 +344,10 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
         f"images, {meta['split']}; {args.initial} initial images at random (the same set for every strategy of a "
         f"seed), {args.budget} per round, {args.rounds} rounds; every round trains from scratch for {args.epochs} epochs of "
         f"{args.samples_per_epoch} samples and keeps the best epoch by val mIoU; seeds {', '.join(map(str, args.seeds))}."
-        + (f" Region-level runs ({', '.join(s for s in summary['clicks'] if s in REGION_STRATEGIES)}) start from the same "
-           f"initial images and label {args.region_method} regions ({args.region_segments} superpixels per image at "
+        + (f" Region-level runs ({', '.join(s for s in summary['clicks'] if s in REGION_STRATEGIES)}) start from "
+           + (f"random regions worth {args.initial_clicks:.0f} clicks spread over the pool (`regions.initial_clicks`, no "
+              "whole image)" if args.initial_clicks else "the same initial images")
+           + f" and label {args.region_method} regions ({args.region_segments} superpixels per image at "
            f"{args.size[0]}x{args.size[1]}) with {args.budget_clicks or default_budget_clicks(args):.0f} clicks per round, "
            "trained on by the share of a whole image their labels make up."
            if summary.get("clicks") and any(s in REGION_STRATEGIES for s in summary["clicks"]) else ""),
@@ -331,25 +378,43 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
                   "flatters every strategy alike by a little.")]
     if summary.get("clicks"):
         common = next(iter(summary["clicks"].values()))["common_clicks"]
+        full = summary.get("full_labeling_clicks")
+
+        def share(k: float) -> str:
+            return f" ({100 * k / full:.1f}%)" if full else ""
+
         lines += ["", f"## {m} by annotator clicks (region-level and image-level runs; mean over seeds)", "",
                   "Clicks: the labels each round's model was trained on, by `strategies.CostModel` (an image: its "
                   "polygons' vertices; a region: one click, plus polygons when mixed). Image-level rows count whole "
-                  "images; region-level rows count regions.", "",
-                  f"| strategy | clicks → {m} (± std) per round | {m} at {common:.0f} clicks (± std) | "
+                  "images; region-level rows count regions."
+                  + (f" Labeling the whole pool costs {full:.0f} clicks (every train mask's polygons); the "
+                     "percentages are of that." if full else ""), "",
+                  f"| strategy | seeds | clicks → {m} (± std) per round | {m} at {common:.0f} clicks (± std) | "
                   f"paired vs random there (mean ± s.e.) | best, % of reference | "
-                  f"clicks to reach {100 * REACH:.0f}% of the reference (seeds reaching) |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  + " | ".join(f"clicks to reach {100 * level:.0f}% of the reference (seeds reaching)" for level in REACHES)
+                  + " |", "|---|---:|---|---:|---:|---:|" + "---:|" * len(REACHES)]
         for s, c in summary["clicks"].items():
             points = ", ".join(f"{k:.0f} → {v:.3f} ± {sd:.3f}" for k, v, sd in zip(c["clicks"], c["mean"], c["std"]))
-            reach = f"{c['clicks_to_reach']:.0f}" if c["clicks_to_reach"] is not None else "not reached"
             best = f"{100 * c['best_share']:.1f}%" if c["best_share"] is not None else "n/a"
             paired = (f"{c['vs_random_at_common']:+.3f} ± {c['vs_random_at_common_se']:.3f}"
                       if s != "random" and "vs_random_at_common" in c else "")
-            lines.append(f"| {s} | {points} | {c['miou_at_common']:.3f} ± {c['miou_at_common_std']:.3f} | {paired} | "
-                         f"{best} | {reach} ({c['seeds_reaching']} of {c['seeds']}) |")
-        lines += ["", f"{common:.0f} clicks: the most that every run reached (each seed's curve interpolated "
-                  "there), so every strategy is compared at the same cost. Clicks to reach: where the mean "
-                  "curve crosses the line, linear between rounds."]
+            reach = " | ".join(
+                (f"{r['clicks']:.0f}{share(r['clicks'])}" if r["clicks"] is not None else "not reached")
+                + f" ({r['seeds_reaching']} of {c['seeds']})" for r in c["reach"].values())
+            lines.append(f"| {s} | {c['seeds']} | {points} | {c['miou_at_common']:.3f} ± {c['miou_at_common_std']:.3f} | "
+                         f"{paired} | {best} | {reach} |")
+        lines += ["", f"{common:.0f} clicks{share(common)}: the most that every run reached (each seed's curve "
+                  "interpolated there), so every strategy is compared at the same cost; paired by seed where both "
+                  "have the seed. Clicks to reach: where the mean curve crosses the line, linear between rounds."]
+    rare = summary.get("rare_classes")
+    if rare:
+        lines += ["", "## CamVid's rare classes: test IoU of the last round's model (mean ± std over seeds)", "",
+                  "Rows of runs made before these columns were recorded are left out.", "",
+                  "| strategy | seeds | round (clicks) | " + " | ".join(RARE_CLASSES) + " |",
+                  "|---|---:|---|" + "---:|" * len(RARE_CLASSES)]
+        for s, r in rare.items():
+            lines.append(f"| {s} | {r['seeds']} | {r['round']} ({r['clicks']:.0f}) | "
+                         + " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in zip(r["mean"], r["std"])) + " |")
     if meta.get("verdict"):
         lines += ["", "## Reading", "", meta["verdict"]]
     path.write_text("\n".join(lines) + "\n")
@@ -391,9 +456,10 @@ def plot_clicks(path: Path, summary: dict[str, Any], metric: str) -> None:
         x, m, sd = np.asarray(c["clicks"]), np.asarray(c["mean"]), np.asarray(c["std"])
         ax.plot(x, m, marker="o", label=s, linestyle="-" if s in REGION_STRATEGIES else "--")
         ax.fill_between(x, m - sd, m + sd, alpha=0.15)
-    if summary["reference_miou"]:
-        ax.axhline(REACH * summary["reference_miou"], color="k", linewidth=0.8,
-                   label=f"{100 * REACH:.0f}% of full supervision")
+    for level, style in zip(REACHES, (":", "-")):
+        if summary["reference_miou"]:
+            ax.axhline(level * summary["reference_miou"], color="k", linewidth=0.8, linestyle=style,
+                       label=f"{100 * level:.0f}% of full supervision")
     ax.set_xlabel("annotator clicks (labels trained on)")
     ax.set_ylabel(metric)
     ax.set_title("CamVid: regions against images on the click axis (mean ± std over seeds)")
@@ -418,14 +484,15 @@ def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str
     text = "; ".join(parts) + "." if parts else ""
     clicks = summary.get("clicks") or {}
     for s, c in clicks.items():
-        if s == "random" or s not in REGION_STRATEGIES or "vs_random_at_common" not in c:
+        if s == "random" or s not in REGION_STRATEGIES or "vs_random_at_common" not in c \
+                or not math.isfinite(c["common_clicks"]):
             continue
         diff, se = c["vs_random_at_common"], c["vs_random_at_common_se"]
         clear = math.isfinite(se) and abs(diff) > 2 * se
         word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
         text += (f" At {c['common_clicks']:.0f} clicks (the initial set's plus what every run spent) {s} {word} "
                  f"image-level random ({diff:+.3f} ± {se:.3f} test mIoU, paired by seed).")
-    text += " A difference counts as clear here only when it exceeds twice its standard error."
+    text = (text + " A difference counts as clear here only when it exceeds twice its standard error.").lstrip()
     spread = float(np.mean([sd for c in summary["curves"].values() for sd in c["std"][1:]] or [0.0]))
     falling = [s for s, c in summary["curves"].items() if any(b < a for a, b in zip(c["mean"], c["mean"][1:]))]
     falling += [s for s, c in clicks.items() if s in REGION_STRATEGIES and any(b < a for a, b in zip(c["mean"], c["mean"][1:]))]
@@ -452,6 +519,13 @@ def main(argv: list[str] | None = None) -> None:
     load_before = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
     df = pd.read_csv(csv) if args.report_only else run_all(args, csv)
+    if args.merge_csv and not args.report_only:
+        earlier = pd.read_csv(args.merge_csv)
+        earlier = earlier[earlier["strategy"].isin(args.merge_strategies) & earlier["seed"].isin(args.seeds)]
+        if earlier.empty:
+            raise SystemExit(f"--merge-csv {args.merge_csv}: no rows of {args.merge_strategies} for seeds {args.seeds}")
+        df = pd.concat([df, earlier], ignore_index=True)
+        df.to_csv(csv, index=False)
     wall = (time.perf_counter() - t0) / 60
     tested = "test_miou" in df.columns and df["test_miou"].notna().all()
     df["miou"] = df["test_miou"] if tested else df["val_miou"]
@@ -463,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
                              f"{args.test_images}")
         reference = float(ref["test_miou"] if tested else ref["val_miou"])
     summary = summarize(df, reference)
+    if summary.get("clicks"):
+        summary["full_labeling_clicks"] = full_labeling_clicks(args)
+    summary["rare_classes"] = summarize_rare(df)
     meta = {
         "command": shlex.join([".venv/bin/python", "benchmarks/label_efficiency.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
