@@ -3,6 +3,9 @@ heuristics, in one harness, paired by seed (a script, not a test).
 
     nice -n 10 .venv/bin/python benchmarks/rare_classes.py                 # 5 seeds, 3 rounds
     .venv/bin/python benchmarks/rare_classes.py --report-only              # tables from the JSON
+    # more seeds or arms later, into their own JSON, then one report over all of them:
+    nice -n 10 .venv/bin/python benchmarks/rare_classes.py --first-seed 3 --seeds 2 --name rare_classes_s3
+    .venv/bin/python benchmarks/rare_classes.py --report-only --merge rare_classes rare_classes_s3
 
 The pool is the 287 KolektorSDD train images (``../shared/data/ksdd``, a defect in 13% of them);
 the 96 val images are the test set. For each seed, ``--initial`` random images are labeled (the
@@ -53,6 +56,7 @@ MC_PASSES = 5
 
 
 def train(records: list[Any], val: list[Any], classes: Any, args: argparse.Namespace, seed: int, out: Path) -> Any:
+    from workers._losses import LossSpec
     from workers._train import CHECKPOINT_FILE, TrainSpec, result_from_loop, train_loop
 
     spec = TrainSpec(
@@ -61,7 +65,7 @@ def train(records: list[Any], val: list[Any], classes: Any, args: argparse.Names
         train_images=[r.image_path for r in records], train_masks=[str(r.mask_path) for r in records],
         train_weights=[1.0] * len(records), val_images=[r.image_path for r in val], val_masks=[str(r.mask_path) for r in val],
         epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=8, lr=3e-3, weight_decay=1e-4,
-        seed=seed, output_dir=str(out))
+        seed=seed, output_dir=str(out), loss=LossSpec(imbalance_sampling=args.imbalance_sampling))
     return result_from_loop(spec, train_loop(spec), str(out / CHECKPOINT_FILE), 0.0)
 
 
@@ -148,16 +152,34 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--samples-per-epoch", type=int, default=64)
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=5, help="how many seeds, from --first-seed on")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--name", default="rare_classes", help="results file name (without .json) under --out")
+    p.add_argument("--merge", nargs="+", metavar="NAME",
+                   help="with --report-only: one report (rare_classes.md) over these results files' rows")
     p.add_argument("--arms", nargs="+", default=ARMS)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "rare_classes")
+    p.add_argument("--imbalance-sampling", choices=["rare_images", "none"], default="rare_images",
+                   help="train.loss.imbalance_sampling of every model (none: the recipe before rare-image sampling)")
+    p.add_argument("--against", metavar="NAME", nargs="+",
+                   help="with --report-only: the defect IoU of --name's models against this results file's, on the "
+                        "same labeled sets (same arm, seed and round; random's sets do not depend on the model)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    if args.report_only and args.against:
+        compare(args.out, args.name, args.against)
+        return
     if args.report_only:
-        saved = json.loads((args.out / "rare_classes.json").read_text())
-        report(saved["rows"], saved["meta"], args.out)
+        names = args.merge or [args.name]
+        saved = [json.loads((args.out / f"{n}.json").read_text()) for n in names]
+        rows = [r for s in saved for r in s["rows"]]
+        twice = {(r["seed"], r["arm"], r["round"]) for r in rows if sum(
+            (q["seed"], q["arm"], q["round"]) == (r["seed"], r["arm"], r["round"]) for q in rows) > 1}
+        if twice:
+            raise SystemExit(f"--merge: seed, arm and round {sorted(twice)[0]} are in more than one results file")
+        report(rows, saved[0]["meta"], args.out, [s["meta"] for s in saved[1:]])
         return
 
     import torch
@@ -172,7 +194,7 @@ def main() -> None:
     rate = sum(r.sample_id in defective for r in train_records) / len(train_records)
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         rng0 = np.random.default_rng(seed)
         initial = [train_records[i] for i in sorted(rng0.choice(len(train_records), args.initial, replace=False))]
         first = train(initial, val, classes, args, 1000 * seed, args.workdir / f"s{seed}-r0")
@@ -196,83 +218,142 @@ def main() -> None:
         meta = {"command": shlex.join(["nice", "-n", "10", ".venv/bin/python", "benchmarks/rare_classes.py", *sys.argv[1:]]),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpus": os.cpu_count(),
                 "platform": platform.platform(), "torch": torch.__version__, "wall_s": time.perf_counter() - t_start,
-                "seeds_done": seed + 1, "pool": len(train_records), "pool_defect_rate": rate,
+                "name": args.name, "seeds_done": seed + 1 - args.first_seed, "pool": len(train_records), "pool_defect_rate": rate,
                 "args": {k: str(v) for k, v in vars(args).items()}}
         args.out.mkdir(parents=True, exist_ok=True)
-        tmp = args.out / "rare_classes.json.tmp"
+        tmp = args.out / f"{args.name}.json.tmp"
         tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        tmp.replace(args.out / "rare_classes.json")
-        report(rows, meta, args.out)
+        tmp.replace(args.out / f"{args.name}.json")
+        report(rows, meta, args.out, name=args.name)
 
 
-def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+def compare(out: Path, name: str, against_files: list[str]) -> None:
+    """``<name>_vs_<against>.md``: per round, the defect IoU of the two runs' models trained on the same
+    labeled sets (paired by arm, seed and round where both have the same defect images), the paired
+    difference with its standard error, and how many models with defect labels scored IoU 0."""
+    mine = json.loads((out / f"{name}.json").read_text())
+    earlier = [json.loads((out / f"{n}.json").read_text()) for n in against_files]
+    theirs = {"rows": [r for e in earlier for r in e["rows"]]}
+    against = " + ".join(against_files)
+    key = lambda r: (r["arm"], r["seed"], r["round"])  # noqa: E731
+    base = {key(r): r for r in theirs["rows"]}
+    pairs = [(r, base[key(r)]) for r in mine["rows"] if key(r) in base and base[key(r)]["defect_images"] == r["defect_images"]]
+    rounds = sorted({r["round"] for r, _ in pairs})
+    lines = [f"# Defect IoU on the same labeled sets: {name} against {against}", "",
+             "Commands: " + "; ".join(f"`{m['meta']['command']}`" for m in (mine, *earlier)) + "; this table: "
+             f"`.venv/bin/python benchmarks/rare_classes.py --report-only --name {name} --against "
+             f"{' '.join(against_files)}`.", "",
+             f"Pairs: the same arm, seed and round, with the same defect images in the labeled set "
+             f"({len(pairs)} models each). Mean ± standard deviation over seeds; difference: mean ± standard error.", "",
+             f"| round | seeds | defect images | {name} | {against} | difference | beyond 2 SE |", "|---|---:|---:|---:|---:|---:|---|"]
+    for rnd in rounds:
+        now = np.asarray([a["defect_iou"] for a, b in pairs if a["round"] == rnd])
+        before = np.asarray([b["defect_iou"] for a, b in pairs if a["round"] == rnd])
+        found = np.asarray([a["defect_images"] for a, b in pairs if a["round"] == rnd])
+        diff = now - before
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        sd = (lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0)  # noqa: E731
+        lines.append(f"| {rnd} | {len(now)} | {found.mean():.1f} | {now.mean():.3f} ± {sd(now):.3f} | "
+                     f"{before.mean():.3f} ± {sd(before):.3f} | {diff.mean():+.3f} ± {se:.3f} | "
+                     f"{'yes' if abs(diff.mean()) > 2 * se else 'no'} |")
+    for label, side in ((name, 0), (against, 1)):
+        with_defects = [p[side] for p in pairs if p[side]["defect_images"] > 0]
+        zero = sum(1 for r in with_defects if r["defect_iou"] == 0)
+        lines.append("")
+        lines.append(f"{label}: models with at least one defect image in the labeled set whose defect IoU is 0: "
+                     f"{zero} of {len(with_defects)}.")
+    path = out / f"{name}_vs_{'_'.join(against_files)}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, more: list[dict[str, Any]] | None = None,
+           name: str = "rare_classes") -> None:
+    """Tables over ``rows``; an arm's figures are over the seeds it has, its paired difference to
+    random over the seeds both have (runs merged from several results files may differ in both)."""
     a = meta["args"]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     rounds = sorted({r["round"] for r in rows})
-    seeds = sorted({r["seed"] for r in rows})
     last = rounds[-1]
 
-    def values(arm: str, rnd: int, key: str) -> np.ndarray:
+    def seeds_of(arm: str) -> list[int]:
+        return sorted({r["seed"] for r in rows if r["arm"] == arm and r["round"] == last})
+
+    def values(arm: str, rnd: int, key: str, seeds: list[int] | None = None) -> np.ndarray:
         by_seed = {r["seed"]: r[key] for r in rows if r["arm"] == arm and r["round"] == rnd}
-        return np.asarray([by_seed[s] for s in seeds], dtype=np.float64)
+        return np.asarray([by_seed[s] for s in (seeds_of(arm) if seeds is None else seeds)], dtype=np.float64)
 
     def ms(v: np.ndarray, digits: int = 1) -> str:
         sd = np.nanstd(v, ddof=1) if len(v) > 1 else 0.0
         return f"{np.nanmean(v):.{digits}f} ± {sd:.{digits}f}"
 
+    runs = [meta, *(more or [])]
+    commands = "; ".join(f"`{m['command']}` ({m['date']}, {m['wall_s'] / 60:.0f} min)" for m in runs)
+    if more:
+        merged = ["nice", "-n", "10", ".venv/bin/python", "benchmarks/rare_classes.py", "--report-only", "--merge",
+                  *[m.get("name", "rare_classes") for m in runs]]
+        commands += f"; this report: `{shlex.join(merged)}`"
+    short = [m for m in runs if int(m.get("seeds_done", m["args"]["seeds"])) < int(m["args"]["seeds"])]
+    modes = sorted({m["args"].get("imbalance_sampling", "none") for m in runs})
+    sampling = ("yes (`train.loss.imbalance_sampling: rare_images`)" if modes == ["rare_images"] else
+                "no (`imbalance_sampling: none`: the recipe before rare-image sampling)" if modes == ["none"] else
+                "mixed across the merged runs: " + ", ".join(modes))
+    stopped = ", ".join(f"{m['seeds_done']} of {m['args']['seeds']}" for m in short)
     lines = [
         "# Rare-defect discovery on KolektorSDD: Shoal's strategies, random and baal",
         "",
-        f"Command: `{meta['command']}` (from the repository root); {meta['date']}, {meta['cpus']} CPUs, torch "
-        f"{meta['torch']}, {meta['wall_s'] / 60:.0f} min.",
+        f"Commands (from the repository root): {commands}; {meta['cpus']} CPUs, torch {meta['torch']}.",
         "",
         f"Pool: {meta['pool']} KolektorSDD train images, {100 * meta['pool_defect_rate']:.1f}% with a defect; test: "
         f"the 96 val images. {a['initial']} random initial images per seed (the same for every arm), {a['budget']} "
         f"per round, {len(rounds) - 1} rounds; UNet 16 channels, depth 3, dropout 0.1, {a['size']} (H, W), "
-        f"{a['epochs']} epochs of {a['samples_per_epoch']} samples, Shoal's default loss settings (the rare-class "
-        f"recipe switches on when the rarest class is under 1% of the labeled pixels). Mean ± standard deviation "
-        f"over {len(seeds)} seeds; baal arms: baal 2.1 `Entropy` / `BALD` (reduction mean) over {MC_PASSES} "
-        "MC-dropout passes of the same model.",
+        f"{a['epochs']} epochs of {a['samples_per_epoch']} samples, Shoal's loss settings (the rare-class "
+        f"recipe switches on when the rarest class is under 1% of the labeled pixels; images holding the rare class "
+        f"drawn more often: {sampling}). Mean ± standard deviation "
+        f"over each arm's seeds (column `seeds`); baal arms: baal 2.1 `Entropy` / `BALD` (reduction mean) over "
+        f"{MC_PASSES} MC-dropout passes of the same model.",
         "",
-        *([f"Stopped after {meta['seeds_done']} of the {a['seeds']} seeds asked: the tables hold the finished seeds, "
-           "paired.", ""] if int(meta.get("seeds_done", a["seeds"])) < int(a["seeds"]) else []),
+        *([f"Stopped early: {stopped} seeds asked finished: the tables hold the finished seeds, paired.", ""]
+          if short else []),
         "## Defect images in the labeled set",
         "",
-        "| arm | " + " | ".join(f"round {r} (labeled {int(values(arms[0], r, 'labeled')[0])})" for r in rounds) + " |",
-        "|---|" + "---:|" * len(rounds),
+        "| arm | seeds | " + " | ".join(f"round {r} (labeled {int(values(arms[0], r, 'labeled')[0])})" for r in rounds) + " |",
+        "|---|---|" + "---:|" * len(rounds),
     ]
     for arm in arms:
-        lines.append(f"| {arm} | " + " | ".join(ms(values(arm, r, "defect_images")) for r in rounds) + " |")
-    lines.append("| (random's expectation: pool rate x labeled) | "
+        lines.append(f"| {arm} | {len(seeds_of(arm))} | "
+                     + " | ".join(ms(values(arm, r, "defect_images")) for r in rounds) + " |")
+    lines.append("| (random's expectation: pool rate x labeled) | | "
                  + " | ".join(f"{values(arms[0], r, 'random_expected')[0]:.1f}" for r in rounds) + " |")
-    base = values("random", last, "defect_images") - values("random", 0, "defect_images") if "random" in arms else None
     lines += ["", f"## After round {last}: defect images selected, paired by seed", "",
-              "Selected = found in the labeled set minus the initial set's. Ratio: selected / random's selected (mean of "
-              "seed-paired sums); difference: mean ± standard error of the paired difference, counted only beyond 2 SE.", "",
-              "| arm | selected defect images | vs random: difference | ratio | beyond 2 SE |", "|---|---:|---:|---:|---|"]
+              "Selected = found in the labeled set minus the initial set's. Over the seeds the arm and random both have: "
+              "ratio = selected / random's selected (seed-paired sums); difference = mean ± standard error of the paired "
+              "difference, counted only beyond 2 SE.", "",
+              "| arm | paired seeds | selected defect images | random's, same seeds | difference | ratio | beyond 2 SE |",
+              "|---|---|---:|---:|---:|---:|---|"]
     for arm in arms:
-        sel = values(arm, last, "defect_images") - values(arm, 0, "defect_images")
-        if base is None:
-            lines.append(f"| {arm} | {ms(sel)} | | | |")
+        both = sorted(set(seeds_of(arm)) & set(seeds_of("random")))
+        sel = values(arm, last, "defect_images", both) - values(arm, 0, "defect_images", both)
+        base = values("random", last, "defect_images", both) - values("random", 0, "defect_images", both)
+        if not both:
+            lines.append(f"| {arm} | 0 | | | | | |")
             continue
         diff = sel - base
         se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
         ratio = sel.sum() / base.sum() if base.sum() else float("nan")
-        lines.append(f"| {arm} | {ms(sel)} | {diff.mean():+.1f} ± {se:.1f} | x{ratio:.2f} | "
+        lines.append(f"| {arm} | {len(both)} | {ms(sel)} | {ms(base)} | {diff.mean():+.1f} ± {se:.1f} | x{ratio:.2f} | "
                      f"{'yes' if abs(diff.mean()) > 2 * se else 'no'} |")
-    lines += ["", "## Defect IoU of each round's model on the test set", "",
-              "| arm | " + " | ".join(f"round {r}" for r in rounds) + " |", "|---|" + "---:|" * len(rounds)]
-    for arm in arms:
-        lines.append(f"| {arm} | " + " | ".join(ms(values(arm, r, "defect_iou"), 3) for r in rounds) + " |")
-    lines += ["", "## Defect recall", "", "| arm | " + " | ".join(f"round {r}" for r in rounds) + " |",
-              "|---|" + "---:|" * len(rounds)]
-    for arm in arms:
-        lines.append(f"| {arm} | " + " | ".join(ms(values(arm, r, "defect_recall"), 3) for r in rounds) + " |")
+    for title, key in (("Defect IoU of each round's model on the test set", "defect_iou"), ("Defect recall", "defect_recall"),
+                       ("Test mIoU (background and defect) of each round's model", "val_miou")):
+        lines += ["", f"## {title}", "", "| arm | " + " | ".join(f"round {r}" for r in rounds) + " |",
+                  "|---|" + "---:|" * len(rounds)]
+        for arm in arms:
+            lines.append(f"| {arm} | " + " | ".join(ms(values(arm, r, key), 3) for r in rounds) + " |")
     models = [r for r in rows if r["round"] > 0 or r["arm"] == arms[0]]  # a round-0 model is shared by the arms
     zero = sum(1 for r in models if r["defect_images"] > 0 and r["defect_iou"] == 0)
     with_defects = sum(1 for r in models if r["defect_images"] > 0)
     lines += ["", f"Models trained with at least one defect image whose defect IoU is 0: {zero} of {with_defects}.", ""]
-    (out / "rare_classes.md").write_text("\n".join(lines))
+    (out / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
