@@ -172,14 +172,14 @@ def main() -> None:
         compare(args.out, args.name, args.against)
         return
     if args.report_only:
-        names = args.merge or [args.name]
+        names = args.merge or [args.name]  # the report: <--name>.md
         saved = [json.loads((args.out / f"{n}.json").read_text()) for n in names]
         rows = [r for s in saved for r in s["rows"]]
         twice = {(r["seed"], r["arm"], r["round"]) for r in rows if sum(
             (q["seed"], q["arm"], q["round"]) == (r["seed"], r["arm"], r["round"]) for q in rows) > 1}
         if twice:
             raise SystemExit(f"--merge: seed, arm and round {sorted(twice)[0]} are in more than one results file")
-        report(rows, saved[0]["meta"], args.out, [s["meta"] for s in saved[1:]])
+        report(rows, saved[0]["meta"], args.out, [s["meta"] for s in saved[1:]], name=args.name)
         return
 
     import torch
@@ -291,7 +291,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, more: li
     commands = "; ".join(f"`{m['command']}` ({m['date']}, {m['wall_s'] / 60:.0f} min)" for m in runs)
     if more:
         merged = ["nice", "-n", "10", ".venv/bin/python", "benchmarks/rare_classes.py", "--report-only", "--merge",
-                  *[m.get("name", "rare_classes") for m in runs]]
+                  *[m.get("name", "rare_classes") for m in runs], *(["--name", name] if name != "rare_classes" else [])]
         commands += f"; this report: `{shlex.join(merged)}`"
     short = [m for m in runs if int(m.get("seeds_done", m["args"]["seeds"])) < int(m["args"]["seeds"])]
     modes = sorted({m["args"].get("imbalance_sampling", "none") for m in runs})
