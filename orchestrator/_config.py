@@ -114,8 +114,9 @@ class LossConfig:
     imbalance_class_weights: Literal["none", "inverse", "median"] = "median"
     """The class weights of imbalanced rounds."""
     imbalance_sampling: Literal["rare_images", "none"] = "rare_images"
-    """``rare_images``: imbalanced rounds also draw the images holding a rare class more often (the
-    ``class_content`` reweighting, capped at ``class_weight_cap``), on top of the sample weights;
+    """``rare_images``: imbalanced rounds also draw the images holding a class under
+    ``imbalance_threshold`` more often (``f_max / f_c`` of its rarest such class, capped at
+    ``class_weight_cap``; ``workers._losses.rare_image_factors``), on top of the sample weights;
     with 2 defect images of 20 it doubled the defect IoU (benchmarks/results/rare_recipe_first_round.md).
     ``none``: drawn by the sample weights only."""
 
