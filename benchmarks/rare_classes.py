@@ -166,6 +166,9 @@ def main() -> None:
     p.add_argument("--against", metavar="NAME", nargs="+",
                    help="with --report-only: the defect IoU of --name's models against this results file's, on the "
                         "same labeled sets (same arm, seed and round; random's sets do not depend on the model)")
+    p.add_argument("--reference", action="store_true",
+                   help="train on the whole pool instead (arm `full`, one model per seed: full supervision and "
+                        "the training noise of one fixed set); merge its results file into the report")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     if args.report_only and args.against:
@@ -174,11 +177,13 @@ def main() -> None:
     if args.report_only:
         names = args.merge or [args.name]  # the report: <--name>.md
         saved = [json.loads((args.out / f"{n}.json").read_text()) for n in names]
-        rows = [r for s in saved for r in s["rows"]]
-        twice = {(r["seed"], r["arm"], r["round"]) for r in rows if sum(
-            (q["seed"], q["arm"], q["round"]) == (r["seed"], r["arm"], r["round"]) for q in rows) > 1}
+        # rows written before the training length was a column: their file's
+        rows = [{"epochs": int(s["meta"]["args"]["epochs"]), "samples_per_epoch": int(s["meta"]["args"]["samples_per_epoch"]),
+                 **r} for s in saved for r in s["rows"]]
+        key = lambda r: (r["seed"], r["arm"], r["round"], r["epochs"], r["samples_per_epoch"])  # noqa: E731
+        twice = {key(r) for r in rows if sum(key(q) == key(r) for q in rows) > 1}
         if twice:
-            raise SystemExit(f"--merge: seed, arm and round {sorted(twice)[0]} are in more than one results file")
+            raise SystemExit(f"--merge: seed, arm, round and training {sorted(twice)[0]} are in more than one results file")
         report(rows, saved[0]["meta"], args.out, [s["meta"] for s in saved[1:]], name=args.name)
         return
 
@@ -195,6 +200,11 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
+        if args.reference:
+            model = train(train_records, val, classes, args, 1000 * seed, args.workdir / f"s{seed}-full")
+            rows.append(model_row(seed, "full", 0, train_records, defective, rate, model, t_start, args))
+            save(rows, args, seed, train_records, rate, t_start)
+            continue
         rng0 = np.random.default_rng(seed)
         initial = [train_records[i] for i in sorted(rng0.choice(len(train_records), args.initial, replace=False))]
         first = train(initial, val, classes, args, 1000 * seed, args.workdir / f"s{seed}-r0")
@@ -203,29 +213,47 @@ def main() -> None:
             for rnd in range(args.rounds + 1):
                 if rnd:
                     model = train(labeled, val, classes, args, 1000 * seed + rnd, args.workdir / f"s{seed}-{arm}-r{rnd}")
-                found = sum(r.sample_id in defective for r in labeled)
-                row = {"seed": seed, "arm": arm, "round": rnd, "labeled": len(labeled), "defect_images": found,
-                       "random_expected": rate * len(labeled), "defect_iou": model.val_iou_per_class[1],
-                       "defect_recall": model.val_recall_per_class[1], "val_miou": model.val_miou,
-                       "loss": model.loss_choice.get("loss"), "elapsed_s": time.perf_counter() - t_start}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(model_row(seed, arm, rnd, labeled, defective, rate, model, t_start, args))
                 if rnd == args.rounds:
                     break
                 pool = [r for r in train_records if r not in labeled]
                 labeled += select(arm, model.checkpoint_path, pool, labeled, classes, args, rng, seed)
-        # after every seed: a run stopped early still leaves the seeds it finished, paired
-        meta = {"command": shlex.join(["nice", "-n", "10", ".venv/bin/python", "benchmarks/rare_classes.py", *sys.argv[1:]]),
-                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpus": os.cpu_count(),
-                "platform": platform.platform(), "torch": torch.__version__, "wall_s": time.perf_counter() - t_start,
-                "name": args.name, "seeds_done": seed + 1 - args.first_seed, "pool": len(train_records), "pool_defect_rate": rate,
-                "args": {k: str(v) for k, v in vars(args).items()}}
-        args.out.mkdir(parents=True, exist_ok=True)
-        tmp = args.out / f"{args.name}.json.tmp"
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        tmp.replace(args.out / f"{args.name}.json")
-        report(rows, meta, args.out, name=args.name)
+        save(rows, args, seed, train_records, rate, t_start)  # a run stopped early keeps the seeds it finished
 
+
+def verdict(diff: np.ndarray, se: float) -> str:
+    """Beyond twice the standard error, with at least 3 paired seeds (2 give no usable error)."""
+    if len(diff) < 3:
+        return "too few seeds"
+    return "yes" if abs(diff.mean()) > 2 * se else "no"
+
+
+def model_row(seed: int, arm: str, rnd: int, labeled: list[Any], defective: set[str], rate: float, model: Any,
+              t_start: float, args: argparse.Namespace) -> dict[str, Any]:
+    found = sum(r.sample_id in defective for r in labeled)
+    row = {"seed": seed, "arm": arm, "round": rnd, "labeled": len(labeled), "defect_images": found,
+           "random_expected": rate * len(labeled), "defect_iou": model.val_iou_per_class[1],
+           "defect_recall": model.val_recall_per_class[1], "val_miou": model.val_miou,
+           "loss": model.loss_choice.get("loss"), "elapsed_s": time.perf_counter() - t_start,
+           "epochs": args.epochs, "samples_per_epoch": args.samples_per_epoch}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def save(rows: list[dict[str, Any]], args: argparse.Namespace, seed: int, train_records: list[Any], rate: float,
+         t_start: float) -> None:
+    import torch
+
+    meta = {"command": shlex.join(["nice", "-n", "10", ".venv/bin/python", "benchmarks/rare_classes.py", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "torch": torch.__version__, "wall_s": time.perf_counter() - t_start,
+            "name": args.name, "seeds_done": seed + 1 - args.first_seed, "pool": len(train_records), "pool_defect_rate": rate,
+            "args": {k: str(v) for k, v in vars(args).items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / f"{args.name}.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    tmp.replace(args.out / f"{args.name}.json")
+    report(rows, meta, args.out, name=args.name)
 
 def compare(out: Path, name: str, against_files: list[str]) -> None:
     """``<name>_vs_<against>.md``: per round, the defect IoU of the two runs' models trained on the same
@@ -255,7 +283,7 @@ def compare(out: Path, name: str, against_files: list[str]) -> None:
         sd = (lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0)  # noqa: E731
         lines.append(f"| {rnd} | {len(now)} | {found.mean():.1f} | {now.mean():.3f} ± {sd(now):.3f} | "
                      f"{before.mean():.3f} ± {sd(before):.3f} | {diff.mean():+.3f} ± {se:.3f} | "
-                     f"{'yes' if abs(diff.mean()) > 2 * se else 'no'} |")
+                     f"{verdict(diff, se)} |")
     for label, side in ((name, 0), (against, 1)):
         with_defects = [p[side] for p in pairs if p[side]["defect_images"] > 0]
         zero = sum(1 for r in with_defects if r["defect_iou"] == 0)
@@ -270,8 +298,13 @@ def compare(out: Path, name: str, against_files: list[str]) -> None:
 def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, more: list[dict[str, Any]] | None = None,
            name: str = "rare_classes") -> None:
     """Tables over ``rows``; an arm's figures are over the seeds it has, its paired difference to
-    random over the seeds both have (runs merged from several results files may differ in both)."""
+    random over the seeds both have (runs merged from several results files may differ in both).
+    Rows of arm ``full`` (``--reference``) are the full-supervision line, not an arm."""
     a = meta["args"]
+    full = [r for r in rows if r["arm"] == "full"]
+    rows = [r for r in rows if r["arm"] != "full"]
+    if not rows:
+        rows, full = full, []  # a --reference run on its own: its one round as the table
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     rounds = sorted({r["round"] for r in rows})
     last = rounds[-1]
@@ -298,7 +331,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, more: li
     sampling = ("yes (`train.loss.imbalance_sampling: rare_images`)" if modes == ["rare_images"] else
                 "no (`imbalance_sampling: none`: the recipe before rare-image sampling)" if modes == ["none"] else
                 "mixed across the merged runs: " + ", ".join(modes))
-    stopped = ", ".join(f"{m['seeds_done']} of {m['args']['seeds']}" for m in short)
+    stopped = ", ".join(f"`{m.get('name', 'rare_classes')}` finished {m['seeds_done']} of the {m['args']['seeds']} seeds "
+                        "it asked for" for m in short)
     lines = [
         "# Rare-defect discovery on KolektorSDD: Shoal's strategies, random and baal",
         "",
@@ -309,11 +343,11 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, more: li
         f"per round, {len(rounds) - 1} rounds; UNet 16 channels, depth 3, dropout 0.1, {a['size']} (H, W), "
         f"{a['epochs']} epochs of {a['samples_per_epoch']} samples, Shoal's loss settings (the rare-class "
         f"recipe switches on when the rarest class is under 1% of the labeled pixels; images holding the rare class "
-        f"drawn more often: {sampling}). Mean ± standard deviation "
-        f"over each arm's seeds (column `seeds`); baal arms: baal 2.1 `Entropy` / `BALD` (reduction mean) over "
-        f"{MC_PASSES} MC-dropout passes of the same model.",
+        f"drawn more often: {sampling}). Mean ± standard deviation over each arm's seeds (column `seeds`)"
+        + (f"; baal arms: baal 2.1 `Entropy` / `BALD` (reduction mean) over {MC_PASSES} MC-dropout passes of the "
+           "same model." if any(arm.startswith("baal_") for arm in arms) else "."),
         "",
-        *([f"Stopped early: {stopped} seeds asked finished: the tables hold the finished seeds, paired.", ""]
+        *([f"Stopped early: {stopped}; the tables hold the finished seeds, paired.", ""]
           if short else []),
         "## Defect images in the labeled set",
         "",
@@ -342,13 +376,17 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, more: li
         se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
         ratio = sel.sum() / base.sum() if base.sum() else float("nan")
         lines.append(f"| {arm} | {len(both)} | {ms(sel)} | {ms(base)} | {diff.mean():+.1f} ± {se:.1f} | x{ratio:.2f} | "
-                     f"{'yes' if abs(diff.mean()) > 2 * se else 'no'} |")
+                     f"{verdict(diff, se)} |")
     for title, key in (("Defect IoU of each round's model on the test set", "defect_iou"), ("Defect recall", "defect_recall"),
                        ("Test mIoU (background and defect) of each round's model", "val_miou")):
         lines += ["", f"## {title}", "", "| arm | " + " | ".join(f"round {r}" for r in rounds) + " |",
                   "|---|" + "---:|" * len(rounds)]
         for arm in arms:
             lines.append(f"| {arm} | " + " | ".join(ms(values(arm, r, key), 3) for r in rounds) + " |")
+    if len(rounds) > 1 and "random" in arms:
+        lines += auc_lines(rows, arms, rounds, seeds_of, values)
+    if full:
+        lines += reference_lines(full, rows, rounds, meta, values)
     models = [r for r in rows if r["round"] > 0 or r["arm"] == arms[0]]  # a round-0 model is shared by the arms
     zero = sum(1 for r in models if r["defect_images"] > 0 and r["defect_iou"] == 0)
     with_defects = sum(1 for r in models if r["defect_images"] > 0)
@@ -356,6 +394,69 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, more: li
     (out / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
+
+def auc_lines(rows: list[dict[str, Any]], arms: list[str], rounds: list[int], seeds_of: Any, values: Any) -> list[str]:
+    """Area under each seed's curve over the labeled counts (trapezoid, divided by the span: the curve's
+    mean height), paired with random's on the same seeds, in IoU points (x100)."""
+    labeled = values(arms[0], rounds[0], "labeled")[0], values(arms[0], rounds[-1], "labeled")[0]
+    lines = ["", f"## Area under the curve, rounds {rounds[0]}-{rounds[-1]}, paired with random", "",
+             f"Mean height of each seed's curve over {int(labeled[0])}-{int(labeled[1])} labeled images (trapezoid), "
+             "in points (x100); difference: mean ± standard error over the seeds the arm and random both have.", "",
+             "| arm | paired seeds | test mIoU AUC | difference | beyond 2 SE | defect IoU AUC | difference | beyond 2 SE |",
+             "|---|---|---:|---:|---|---:|---:|---|"]
+
+    def auc(arm: str, key: str, seeds: list[int]) -> np.ndarray:
+        x = np.asarray([values(arm, r, "labeled", seeds)[0] for r in rounds], dtype=np.float64)
+        y = np.stack([values(arm, r, key, seeds) for r in rounds])  # [rounds, seeds]
+        return 100 * ((y[1:] + y[:-1]) / 2 * np.diff(x)[:, None]).sum(0) / (x[-1] - x[0])
+
+    for arm in arms:
+        both = sorted(set(seeds_of(arm)) & set(seeds_of("random")))
+        if not both:
+            continue
+        cells = []
+        for key in ("val_miou", "defect_iou"):
+            mine, base = auc(arm, key, both), auc("random", key, both)
+            diff = mine - base
+            se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+            sd = float(mine.std(ddof=1)) if len(mine) > 1 else 0.0
+            cells += [f"{mine.mean():.1f} ± {sd:.1f}", f"{diff.mean():+.1f} ± {se:.1f}",
+                      verdict(diff, se)]
+        lines.append(f"| {arm} | {len(both)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def reference_lines(full: list[dict[str, Any]], rows: list[dict[str, Any]], rounds: list[int], meta: dict[str, Any],
+                    values: Any) -> list[str]:
+    """The full-supervision lines (every pool image; one per training length, rows without one have
+    the report's) with their training noise, and random's curve as a share of each: whether it still
+    rises over the budgets compared."""
+    a = meta["args"]
+    steps = lambda r: (int(r.get("epochs", a["epochs"])), int(r.get("samples_per_epoch", a["samples_per_epoch"])))  # noqa: E731
+    groups = {k: [r for r in full if steps(r) == k] for k in sorted({steps(r) for r in full})}
+    lines = ["", f"## Full supervision: all {full[0]['labeled']} pool images, the same model and recipe", ""]
+    refs = []
+    for (epochs, samples), group in groups.items():
+        def ms(key: str, group: list[dict[str, Any]] = group) -> str:
+            v = np.asarray([r[key] for r in group], dtype=np.float64)
+            return f"{v.mean():.3f} ± {(v.std(ddof=1) if len(v) > 1 else 0.0):.3f}"
+
+        same = (epochs, samples) == (int(a["epochs"]), int(a["samples_per_epoch"]))
+        label = f"{epochs} epochs of {samples} samples" + (" (the rounds' training)" if same else "")
+        refs.append((label, float(np.mean([r["val_miou"] for r in group])), float(np.mean([r["defect_iou"] for r in group]))))
+        lines.append(f"- {label}, {len(group)} seeds (standard deviation = the training noise of one fixed labeled "
+                     f"set): test mIoU {ms('val_miou')}, defect IoU {ms('defect_iou')}, defect recall {ms('defect_recall')}.")
+    if any(r["arm"] == "random" for r in rows):
+        lines += ["", "Random's models as a share of it (mean over random's seeds):", "",
+                  "| round | labeled (share of the pool) | " + " | ".join(
+                      f"test mIoU, % of full ({label}) | defect IoU, % of full ({label})" for label, _, _ in refs) + " |",
+                  "|---|---:|" + "---:|---:|" * len(refs)]
+        for rnd in rounds:
+            n = values("random", rnd, "labeled")[0]
+            cells = [f"{100 * values('random', rnd, 'val_miou').mean() / miou:.0f}% | "
+                     f"{100 * values('random', rnd, 'defect_iou').mean() / iou:.0f}%" for _, miou, iou in refs]
+            lines.append(f"| {rnd} | {int(n)} ({100 * n / meta['pool']:.0f}%) | " + " | ".join(cells) + " |")
+    return lines
 
 if __name__ == "__main__":
     main()

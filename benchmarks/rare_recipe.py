@@ -163,7 +163,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, chosen: list
 
         def ms(key: str, rows: list[dict[str, Any]] = rows) -> str:
             v = np.asarray([r[key] for r in rows], dtype=np.float64)
-            return f"{np.nanmean(v):.3f} ± {np.nanstd(v, ddof=1) if len(v) > 1 else 0:.3f}"
+            v = v[~np.isnan(v)]  # precision of a run that never predicts a defect: undefined
+            if not len(v):
+                return "no prediction"
+            return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}" + (
+                f" ({len(v)} of {len(rows)} runs)" if len(v) < len(rows) else "")
 
         summary[recipe] = float(np.nanmean([r["defect_iou"] for r in rows]))
         lines.append(f"| {recipe} | {ms('defect_iou')} | {ms('defect_recall')} | {ms('defect_precision')} | "
