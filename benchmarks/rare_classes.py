@@ -29,8 +29,14 @@ Arms:
 Reported per arm and round, mean and standard deviation over seeds: defect images in the labeled
 set (and what random selection takes on average: the pool rate times the labeled count), the
 defect IoU and recall of the round's model on the test set, and the paired difference of each
-arm's defect images after the last round to random's, with its standard error. Writes
-``benchmarks/results/rare_classes.json`` and ``.md``.
+arm's defect images after the last round to random's, with its standard error, and the area under
+each seed's test mIoU and defect IoU curves paired with random's. ``--reference`` trains on the
+whole pool instead (one model per seed, arm ``full``; ``--epochs`` as asked); merged into a report
+it gives the full-supervision line, its training noise and random's curve as a share of it:
+
+    nice -n 10 .venv/bin/python benchmarks/rare_classes.py --reference --seeds 3 --name rare_classes_full
+
+Writes ``benchmarks/results/<name>.json`` and ``.md``.
 """
 
 from __future__ import annotations
