@@ -227,6 +227,11 @@ def main() -> None:
         save(rows, args, seed, train_records, rate, t_start)  # a run stopped early keeps the seeds it finished
 
 
+def standard_error(diff: np.ndarray) -> float:
+    """Of the mean of paired differences (nan for fewer than 2)."""
+    return float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+
+
 def verdict(diff: np.ndarray, se: float) -> str:
     """Beyond twice the standard error, with at least 3 paired seeds (2 give no usable error)."""
     if len(diff) < 3:
@@ -285,7 +290,7 @@ def compare(out: Path, name: str, against_files: list[str]) -> None:
         before = np.asarray([b["defect_iou"] for a, b in pairs if a["round"] == rnd])
         found = np.asarray([a["defect_images"] for a, b in pairs if a["round"] == rnd])
         diff = now - before
-        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        se = standard_error(diff)
         sd = (lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0)  # noqa: E731
         lines.append(f"| {rnd} | {len(now)} | {found.mean():.1f} | {now.mean():.3f} ± {sd(now):.3f} | "
                      f"{before.mean():.3f} ± {sd(before):.3f} | {diff.mean():+.3f} ± {se:.3f} | "
@@ -379,7 +384,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, more: li
             lines.append(f"| {arm} | 0 | | | | | |")
             continue
         diff = sel - base
-        se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        se = standard_error(diff)
         ratio = sel.sum() / base.sum() if base.sum() else float("nan")
         lines.append(f"| {arm} | {len(both)} | {ms(sel)} | {ms(base)} | {diff.mean():+.1f} ± {se:.1f} | x{ratio:.2f} | "
                      f"{verdict(diff, se)} |")
@@ -424,7 +429,7 @@ def auc_lines(rows: list[dict[str, Any]], arms: list[str], rounds: list[int], se
         for key in ("val_miou", "defect_iou"):
             mine, base = auc(arm, key, both), auc("random", key, both)
             diff = mine - base
-            se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+            se = standard_error(diff)
             sd = float(mine.std(ddof=1)) if len(mine) > 1 else 0.0
             cells += [f"{mine.mean():.1f} ± {sd:.1f}", f"{diff.mean():+.1f} ± {se:.1f}",
                       verdict(diff, se)]
