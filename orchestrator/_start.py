@@ -160,8 +160,9 @@ def open_seed_round(ctx: Context, state: State, table: pd.DataFrame) -> State:
 def check_split(ctx: Context, table: pd.DataFrame, seed_round: bool) -> None:
     """A pool to select from, a budget it can pay for, something to validate and train on."""
     cfg = ctx.config
-    pool = (table[SPLIT] == TRAIN_SPLIT) & ~table[LABELED]
-    n_pool = int(pool.sum())
+    # The unit's pool: regions leave an image labeled in part open (the region protocol's random
+    # initial regions may touch every image).
+    n_pool = int(ctx.unit.open_pool(table).sum())
     if n_pool == 0:
         raise ValueError(f"the unlabeled pool is empty: every image in {cfg.data.train_dir or 'the train split'} is "
                          "labeled (data.masks: labels reads a mask as a label); add images without a mask")

@@ -216,3 +216,21 @@ def test_the_region_protocol_starts_from_random_regions_not_whole_images(tmp_pat
     assert round_records.clicks.sum() + second_records.clicks.sum() <= 2 * BUDGET + 1e-9
     assert second.metrics["labeled_clicks"] == pytest.approx(
         records.clicks.sum() + round_records.clicks.sum() + second_records.clicks.sum())
+
+
+def test_initial_regions_in_every_image_leave_the_pool_open(tmp_path: Path, ray_cluster: None) -> None:
+    """The region protocol's random regions can touch every pool image (many clicks, few images):
+    each is labeled in part only, so the pool is still open and round 1 labels more regions."""
+    settings = {**REGION, "regions": {**REGION["regions"], "initial_clicks": 300.0},
+                "cost": {"purity_threshold": 0.0}, "loop": {**REGION["loop"], "rounds": 1}}
+    loop = ActiveLearningLoop(config_from_dict(tiny_config(**settings)), tmp_path / "work")
+    state = loop.start()
+    first = loop.store.read(state.revision)
+    train = first[first.split == "train"]
+    assert train.labeled.all() and train.partial.all()  # no image left without a label, none whole
+    (result,) = loop.run()
+    round_records = _records(loop.workdir, 1)
+    assert 0 < len(round_records) and round_records.clicks.sum() <= BUDGET + 1e-9
+    assert not set(zip(round_records.sample_id, round_records.region_id)) & set(
+        zip(_records(loop.workdir, 0).sample_id, _records(loop.workdir, 0).region_id))
+    assert result.metrics["labeled_clicks"] == pytest.approx(300.0 + round_records.clicks.sum())
