@@ -103,10 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--initial-clicks", type=float, default=None,
                    help="region runs: start from random regions worth these clicks (regions.initial_clicks), no "
                         "whole image; default: the --initial whole images")
-    p.add_argument("--merge-csv", type=Path, default=None,
-                   help="add the rows of these --merge-strategies (and --seeds) from an earlier run's CSV, made with "
-                        "the same size and training settings (image-level runs on the same click axis)")
-    p.add_argument("--merge-strategies", nargs="+", default=[])
+    p.add_argument("--merge-csv", type=Path, nargs="+", default=[],
+                   help="add the rows of --merge-strategies (and --seeds) from earlier runs' CSVs made with the same size "
+                        "and training settings: image-level runs on the same click axis, or seeds and strategies run "
+                        "apart (with --report-only too); a (strategy, seed, round) already present keeps its first row")
+    p.add_argument("--merge-strategies", nargs="+", default=[], help="the strategies --merge-csv takes (default: all)")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/shoal-label-efficiency"))
     p.add_argument("--test-images", type=int, default=50,
@@ -509,6 +510,23 @@ def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str
     return text
 
 
+def merge_rows(df: pd.DataFrame | None, paths: list[Path], strategies: list[str], seeds: list[int]) -> pd.DataFrame:
+    """``df`` (None: none yet) with the rows of ``strategies`` (empty: every one) and ``seeds`` from
+    each CSV in ``paths``, in order; a (strategy, seed, round) already present keeps its first row,
+    so merging the same file twice changes nothing."""
+    frames = [] if df is None else [df]
+    for path in paths:
+        if not path.exists():
+            raise SystemExit(f"--merge-csv {path}: no such file")
+        rows = pd.read_csv(path)
+        rows = rows[rows["seed"].isin(seeds) & (rows["strategy"].isin(strategies) if strategies else True)]
+        if rows.empty:
+            raise SystemExit(f"--merge-csv {path}: no rows of {strategies or 'any strategy'} for seeds {seeds}")
+        frames.append(rows)
+    merged = pd.concat(frames, ignore_index=True)
+    return merged.drop_duplicates(["strategy", "seed", "round"], keep="first").reset_index(drop=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -518,14 +536,14 @@ def main(argv: list[str] | None = None) -> None:
     csv = RESULTS / f"{args.out}.csv"
     load_before = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
-    df = pd.read_csv(csv) if args.report_only else run_all(args, csv)
-    if args.merge_csv and not args.report_only:
-        earlier = pd.read_csv(args.merge_csv)
-        earlier = earlier[earlier["strategy"].isin(args.merge_strategies) & earlier["seed"].isin(args.seeds)]
-        if earlier.empty:
-            raise SystemExit(f"--merge-csv {args.merge_csv}: no rows of {args.merge_strategies} for seeds {args.seeds}")
-        df = pd.concat([df, earlier], ignore_index=True)
+    df = pd.read_csv(csv) if args.report_only and csv.exists() else None
+    if df is None and not args.report_only:
+        df = run_all(args, csv)
+    if args.merge_csv:
+        df = merge_rows(df, args.merge_csv, args.merge_strategies, args.seeds)
         df.to_csv(csv, index=False)
+    if df is None:
+        raise SystemExit(f"{csv}: no such file (run the experiments first, or name CSVs with --merge-csv)")
     wall = (time.perf_counter() - t0) / 60
     tested = "test_miou" in df.columns and df["test_miou"].notna().all()
     df["miou"] = df["test_miou"] if tested else df["val_miou"]
