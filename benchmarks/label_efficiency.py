@@ -103,11 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--initial-clicks", type=float, default=None,
                    help="region runs: start from random regions worth these clicks (regions.initial_clicks), no "
                         "whole image; default: the --initial whole images")
-    p.add_argument("--merge-csv", type=Path, nargs="+", default=[],
-                   help="add the rows of --merge-strategies (and --seeds) from earlier runs' CSVs made with the same size "
-                        "and training settings: image-level runs on the same click axis, or seeds and strategies run "
-                        "apart (with --report-only too); a (strategy, seed, round) already present keeps its first row")
-    p.add_argument("--merge-strategies", nargs="+", default=[], help="the strategies --merge-csv takes (default: all)")
+    p.add_argument("--merge-csv", nargs="+", default=[], metavar="CSV[:STRATEGY,...]",
+                   help="add the rows of --seeds from earlier runs' CSVs made with the same size and training settings: "
+                        "image-level runs on the same click axis, or seeds and strategies run apart (with --report-only "
+                        "too); after a colon, the strategies to take from that file (default: --merge-strategies); a "
+                        "(strategy, seed, round) already present keeps its first row")
+    p.add_argument("--merge-strategies", nargs="+", default=[],
+                   help="the strategies --merge-csv takes from a file that names none (default: all)")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/shoal-label-efficiency"))
     p.add_argument("--test-images", type=int, default=50,
@@ -267,6 +269,21 @@ def summarize_clicks(df: pd.DataFrame, reference: float | None) -> dict[str, Any
             diff = np.array([v - base[seed] for seed, v in c["at_common_by_seed"].items() if seed in base])
             c["vs_random_at_common"] = float(diff.mean()) if len(diff) else float("nan")
             c["vs_random_at_common_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    if "region_random" in out:  # region strategies against random regions: paired by seed, same initial regions
+        def click_auc(g: pd.DataFrame) -> float:
+            x, y = g["clicks"].to_numpy(np.float64), g["miou"].to_numpy(np.float64)
+            return float(np.trapezoid(y, x) / (x[-1] - x[0])) if len(x) > 1 and x[-1] > x[0] else float("nan")
+
+        base_auc = {int(seed): click_auc(g) for seed, g in runs[runs["strategy"] == "region_random"].groupby("seed")}
+        for s in out:
+            if s == "region_random" or s not in REGION_STRATEGIES:
+                continue
+            mine = {int(seed): click_auc(g) for seed, g in runs[runs["strategy"] == s].groupby("seed")}
+            diff = np.array([v - base_auc[k] for k, v in mine.items() if k in base_auc and math.isfinite(v - base_auc[k])])
+            out[s]["vs_region_random"] = {
+                "auc_diff_mean": float(diff.mean()) if len(diff) else float("nan"),
+                "auc_diff_se": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan"),
+                "seeds": len(diff), "seeds_better": int((diff > 0).sum())}
     return out
 
 
@@ -351,7 +368,11 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
            + f" and label {args.region_method} regions ({args.region_segments} superpixels per image at "
            f"{args.size[0]}x{args.size[1]}) with {args.budget_clicks or default_budget_clicks(args):.0f} clicks per round, "
            "trained on by the share of a whole image their labels make up."
-           if summary.get("clicks") and any(s in REGION_STRATEGIES for s in summary["clicks"]) else ""),
+           if summary.get("clicks") and any(s in REGION_STRATEGIES for s in summary["clicks"]) else "")
+        + (f" Config overrides: {', '.join(f'`{o}`' for o in args.overrides)}." if args.overrides else "")
+        + (" Rows merged from other runs (`--merge-csv`, the command above) keep their own rounds and budgets."
+           if args.merge_csv else ""),
+        *merged_from(args.merge_csv),
         "",
         f"## {m} by labeled images (mean ± std over seeds)",
         "",
@@ -379,6 +400,7 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
                   "flatters every strategy alike by a little.")]
     if summary.get("clicks"):
         common = next(iter(summary["clicks"].values()))["common_clicks"]
+        compared = math.isfinite(common)
         full = summary.get("full_labeling_clicks")
 
         def share(k: float) -> str:
@@ -388,12 +410,17 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
                   "Clicks: the labels each round's model was trained on, by `strategies.CostModel` (an image: its "
                   "polygons' vertices; a region: one click, plus polygons when mixed). Image-level rows count whole "
                   "images; region-level rows count regions."
+                  + (" With `cost.purity_threshold=0` every region is one click, labeled with its dominant class "
+                     "(dominant labeling: no polygons, some pixels wrong)."
+                     if any(o.replace(" ", "") in ("cost.purity_threshold=0", "cost.purity_threshold=0.0")
+                            for o in args.overrides) else "")
                   + (f" Labeling the whole pool costs {full:.0f} clicks (every train mask's polygons); the "
                      "percentages are of that." if full else ""), "",
-                  f"| strategy | seeds | clicks → {m} (± std) per round | {m} at {common:.0f} clicks (± std) | "
-                  f"paired vs random there (mean ± s.e.) | best, % of reference | "
+                  f"| strategy | seeds | clicks → {m} (± std) per round | "
+                  + (f"{m} at {common:.0f} clicks (± std) | paired vs random there (mean ± s.e.) | " if compared else "")
+                  + "best, % of reference | "
                   + " | ".join(f"clicks to reach {100 * level:.0f}% of the reference (seeds reaching)" for level in REACHES)
-                  + " |", "|---|---:|---|---:|---:|---:|" + "---:|" * len(REACHES)]
+                  + " |", "|---|---:|---|" + "---:|" * (len(REACHES) + (3 if compared else 1))]
         for s, c in summary["clicks"].items():
             points = ", ".join(f"{k:.0f} → {v:.3f} ± {sd:.3f}" for k, v, sd in zip(c["clicks"], c["mean"], c["std"]))
             best = f"{100 * c['best_share']:.1f}%" if c["best_share"] is not None else "n/a"
@@ -402,11 +429,25 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
             reach = " | ".join(
                 (f"{r['clicks']:.0f}{share(r['clicks'])}" if r["clicks"] is not None else "not reached")
                 + f" ({r['seeds_reaching']} of {c['seeds']})" for r in c["reach"].values())
-            lines.append(f"| {s} | {c['seeds']} | {points} | {c['miou_at_common']:.3f} ± {c['miou_at_common_std']:.3f} | "
-                         f"{paired} | {best} | {reach} |")
-        lines += ["", f"{common:.0f} clicks{share(common)}: the most that every run reached (each seed's curve "
-                  "interpolated there), so every strategy is compared at the same cost; paired by seed where both "
-                  "have the seed. Clicks to reach: where the mean curve crosses the line, linear between rounds."]
+            at = f"{c['miou_at_common']:.3f} ± {c['miou_at_common_std']:.3f} | {paired} | " if compared else ""
+            lines.append(f"| {s} | {c['seeds']} | {points} | {at}{best} | {reach} |")
+        spans = {s: (c["clicks"][0], c["clicks"][-1]) for s, c in summary["clicks"].items()}
+        lines += ["", (f"{common:.0f} clicks{share(common)}: the most that every run reached (each seed's curve "
+                       "interpolated there), so every strategy is compared at the same cost; paired by seed where both "
+                       "have the seed." if compared else
+                       "No click count lies on every curve (mean clicks from first to last round: "
+                       + ", ".join(f"{s} {lo:.0f}-{hi:.0f}" for s, (lo, hi) in spans.items())
+                       + "), so they are compared by the clicks each needs.")
+                  + " Clicks to reach: where the mean curve crosses the line, linear between rounds; seeds reaching: "
+                  "the seeds whose own curve reaches it."]
+        against = {s: c["vs_region_random"] for s, c in summary["clicks"].items() if "vs_region_random" in c}
+        if against:
+            lines += ["", "## Region strategies against random regions, paired by seed (same initial regions)", "",
+                      "| strategy | click-axis AUC difference (mean ± s.e.) | seeds better than region_random |",
+                      "|---|---:|---:|"]
+            lines += [f"| {s} | {a['auc_diff_mean']:+.4f} ± {a['auc_diff_se']:.4f} | {a['seeds_better']} of {a['seeds']} |"
+                      for s, a in against.items()]
+            lines += ["", "Click-axis AUC: the area under each seed's test mIoU over its clicks, divided by their range."]
     rare = summary.get("rare_classes")
     if rare:
         lines += ["", "## CamVid's rare classes: test IoU of the last round's model (mean ± std over seeds)", "",
@@ -493,6 +534,14 @@ def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str
         word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
         text += (f" At {c['common_clicks']:.0f} clicks (the initial set's plus what every run spent) {s} {word} "
                  f"image-level random ({diff:+.3f} ± {se:.3f} test mIoU, paired by seed).")
+    for s, c in clicks.items():
+        if "vs_region_random" in c:
+            a = c["vs_region_random"]
+            diff, se = a["auc_diff_mean"], a["auc_diff_se"]
+            clear = math.isfinite(se) and abs(diff) > 2 * se
+            word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
+            text += (f" {s} {word} random regions on the click axis (AUC {diff:+.4f} ± {se:.4f}, better on "
+                     f"{a['seeds_better']} of {a['seeds']} seeds).")
     text = (text + " A difference counts as clear here only when it exceeds twice its standard error.").lstrip()
     spread = float(np.mean([sd for c in summary["curves"].values() for sd in c["std"][1:]] or [0.0]))
     falling = [s for s, c in summary["curves"].items() if any(b < a for a, b in zip(c["mean"], c["mean"][1:]))]
@@ -510,18 +559,40 @@ def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str
     return text
 
 
-def merge_rows(df: pd.DataFrame | None, paths: list[Path], strategies: list[str], seeds: list[int]) -> pd.DataFrame:
-    """``df`` (None: none yet) with the rows of ``strategies`` (empty: every one) and ``seeds`` from
-    each CSV in ``paths``, in order; a (strategy, seed, round) already present keeps its first row,
-    so merging the same file twice changes nothing."""
+def merged_from(sources: list[str]) -> list[str]:
+    """Report lines naming how each ``--merge-csv`` file was made: the command, date and wall time
+    of the JSON written beside it, when there is one."""
+    lines = []
+    for source in sources:
+        head, colon, _ = source.rpartition(":")
+        path = Path(head if colon and head.endswith(".csv") else source)
+        ran = path.with_suffix(".json")
+        if ran.exists():
+            meta = json.loads(ran.read_text())
+            lines += ["", f"`{path.name}` was made by `{meta.get('command', '?')}` ({meta.get('date', '?')}, "
+                          f"{float(meta.get('wall_minutes') or 0):.0f} min, load average before {meta.get('load_before')})."]
+    return lines
+
+
+def merge_rows(df: pd.DataFrame | None, sources: list[str], strategies: list[str], seeds: list[int]) -> pd.DataFrame:
+    """``df`` (None: none yet) with the rows of ``seeds`` from each CSV in ``sources``, in order: of
+    the strategies named after its colon (``runs.csv:random,entropy_topk``), else of ``strategies``
+    (empty: every one); a (strategy, seed, round) already present keeps its first row, so merging
+    the same file twice changes nothing."""
     frames = [] if df is None else [df]
-    for path in paths:
+    for source in sources:
+        head, colon, named = source.rpartition(":")
+        path, take = (Path(head), named.split(",")) if colon and head.endswith(".csv") else (Path(source), strategies)
+        take = [n for n in take if n]
+        unknown = sorted(set(take) - set(STRATEGIES))
+        if unknown:
+            raise SystemExit(f"--merge-csv {source}: unknown strategies {unknown}; known: {sorted(STRATEGIES)}")
         if not path.exists():
-            raise SystemExit(f"--merge-csv {path}: no such file")
+            raise SystemExit(f"--merge-csv {source}: no such file {path}")
         rows = pd.read_csv(path)
-        rows = rows[rows["seed"].isin(seeds) & (rows["strategy"].isin(strategies) if strategies else True)]
+        rows = rows[rows["seed"].isin(seeds) & (rows["strategy"].isin(take) if take else True)]
         if rows.empty:
-            raise SystemExit(f"--merge-csv {path}: no rows of {strategies or 'any strategy'} for seeds {seeds}")
+            raise SystemExit(f"--merge-csv {source}: no rows of {take or 'any strategy'} for seeds {seeds}")
         frames.append(rows)
     merged = pd.concat(frames, ignore_index=True)
     return merged.drop_duplicates(["strategy", "seed", "round"], keep="first").reset_index(drop=True)
