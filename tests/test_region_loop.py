@@ -229,8 +229,7 @@ def test_initial_regions_in_every_image_leave_the_pool_open(tmp_path: Path, ray_
     train = first[first.split == "train"]
     assert train.labeled.all() and train.partial.all()  # no image left without a label, none whole
     (result,) = loop.run()
-    round_records = _records(loop.workdir, 1)
-    assert 0 < len(round_records) and round_records.clicks.sum() <= BUDGET + 1e-9
-    assert not set(zip(round_records.sample_id, round_records.region_id)) & set(
-        zip(_records(loop.workdir, 0).sample_id, _records(loop.workdir, 0).region_id))
+    initial, round_records = _records(loop.workdir, 0), _records(loop.workdir, 1)
+    assert len(round_records) > 0 and round_records.clicks.sum() <= BUDGET + 1e-9
+    assert not set(zip(round_records.sample_id, round_records.region_id)) & set(zip(initial.sample_id, initial.region_id))
     assert result.metrics["labeled_clicks"] == pytest.approx(300.0 + round_records.clicks.sum())
