@@ -412,8 +412,7 @@ def write_markdown(path: Path, args: argparse.Namespace, summary: dict[str, Any]
                   "images; region-level rows count regions."
                   + (" With `cost.purity_threshold=0` every region is one click, labeled with its dominant class "
                      "(dominant labeling: no polygons, some pixels wrong)."
-                     if any(o.replace(" ", "") in ("cost.purity_threshold=0", "cost.purity_threshold=0.0")
-                            for o in args.overrides) else "")
+                     if run_config(args, "region_random", 0).cost.purity_threshold == 0 else "")
                   + (f" Labeling the whole pool costs {full:.0f} clicks (every train mask's polygons); the "
                      "percentages are of that." if full else ""), "",
                   f"| strategy | seeds | clicks → {m} (± std) per round | "
@@ -512,6 +511,13 @@ def plot_clicks(path: Path, summary: dict[str, Any], metric: str) -> None:
     plt.close(fig)
 
 
+def reading(diff: float, se: float) -> str:
+    """How a paired difference reads: clear only beyond twice its standard error."""
+    if math.isfinite(se) and abs(diff) > 2 * se:
+        return "beats" if diff > 0 else "trails"
+    return "is within noise of"
+
+
 def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str:
     """The reading of the tables: which strategies separate from random (by more than twice the
     standard error of the paired difference), on the image axis and, with region runs, at equal
@@ -520,9 +526,7 @@ def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str
     parts = []
     for s, p in summary["paired_vs_random"].items():
         diff, se = p["auc_diff_mean"], p["auc_diff_se"]
-        clear = math.isfinite(se) and abs(diff) > 2 * se
-        word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
-        parts.append(f"{s} {word} random (AUC {diff:+.4f} ± {se:.4f}, better on {p['seeds_better']} of {p['seeds']} seeds)")
+        parts.append(f"{s} {reading(diff, se)} random (AUC {diff:+.4f} ± {se:.4f}, better on {p['seeds_better']} of {p['seeds']} seeds)")
     text = "; ".join(parts) + "." if parts else ""
     clicks = summary.get("clicks") or {}
     for s, c in clicks.items():
@@ -530,17 +534,13 @@ def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str
                 or not math.isfinite(c["common_clicks"]):
             continue
         diff, se = c["vs_random_at_common"], c["vs_random_at_common_se"]
-        clear = math.isfinite(se) and abs(diff) > 2 * se
-        word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
-        text += (f" At {c['common_clicks']:.0f} clicks (the initial set's plus what every run spent) {s} {word} "
+        text += (f" At {c['common_clicks']:.0f} clicks (the initial set's plus what every run spent) {s} {reading(diff, se)} "
                  f"image-level random ({diff:+.3f} ± {se:.3f} test mIoU, paired by seed).")
     for s, c in clicks.items():
         if "vs_region_random" in c:
             a = c["vs_region_random"]
             diff, se = a["auc_diff_mean"], a["auc_diff_se"]
-            clear = math.isfinite(se) and abs(diff) > 2 * se
-            word = ("beats" if diff > 0 else "trails") if clear else "is within noise of"
-            text += (f" {s} {word} random regions on the click axis (AUC {diff:+.4f} ± {se:.4f}, better on "
+            text += (f" {s} {reading(diff, se)} random regions on the click axis (AUC {diff:+.4f} ± {se:.4f}, better on "
                      f"{a['seeds_better']} of {a['seeds']} seeds).")
     text = (text + " A difference counts as clear here only when it exceeds twice its standard error.").lstrip()
     spread = float(np.mean([sd for c in summary["curves"].values() for sd in c["std"][1:]] or [0.0]))
@@ -559,13 +559,20 @@ def verdict(summary: dict[str, Any], noise: dict[str, Any] | None = None) -> str
     return text
 
 
+def merge_source(source: str, default: list[str]) -> tuple[Path, list[str]]:
+    """A ``--merge-csv`` entry: its CSV and the strategies to take from it (after a colon, else
+    ``default``; empty: every one)."""
+    head, colon, named = source.rpartition(":")
+    path, take = (Path(head), named.split(",")) if colon and head.endswith(".csv") else (Path(source), default)
+    return path, [n for n in take if n]
+
+
 def merged_from(sources: list[str]) -> list[str]:
     """Report lines naming how each ``--merge-csv`` file was made: the command, date and wall time
     of the JSON written beside it, when there is one."""
     lines = []
     for source in sources:
-        head, colon, _ = source.rpartition(":")
-        path = Path(head if colon and head.endswith(".csv") else source)
+        path, _ = merge_source(source, [])
         ran = path.with_suffix(".json")
         if ran.exists():
             meta = json.loads(ran.read_text())
@@ -581,9 +588,7 @@ def merge_rows(df: pd.DataFrame | None, sources: list[str], strategies: list[str
     the same file twice changes nothing."""
     frames = [] if df is None else [df]
     for source in sources:
-        head, colon, named = source.rpartition(":")
-        path, take = (Path(head), named.split(",")) if colon and head.endswith(".csv") else (Path(source), strategies)
-        take = [n for n in take if n]
+        path, take = merge_source(source, strategies)
         unknown = sorted(set(take) - set(STRATEGIES))
         if unknown:
             raise SystemExit(f"--merge-csv {source}: unknown strategies {unknown}; known: {sorted(STRATEGIES)}")
